@@ -1,0 +1,353 @@
+"""The Wan 2.1 diffusion transformer (text-to-video, image-to-video, first-last-frame-to-video).
+
+Parameter names and constructor arguments follow the official Wan 2.1 release, so official and
+ComfyUI-repackaged checkpoints load with strict key checking, and code written against the
+official `WanModel.forward(x, t, context, seq_len, clip_fea=None, y=None)` runs on this one.
+
+The model is pure architecture. Parallel strategies (`wanvideo/parallel/`) act on it from outside
+through three seams it offers on purpose:
+  - `model.blocks`: the block list that block distribution, block swap and sharding place or wrap;
+  - `block.self_attn.attn_op`: the one attention call of each block's self-attention, which
+    sequence parallelism replaces with a distributed version of the same signature;
+  - `model.block_runner(blocks, tokens, ctx)`: runs the blocks between the point where tokens
+    enter (after patch embedding) and where they leave (before the head); strategies that split
+    tokens or pipeline micro-batches install their own runner.
+"""
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import make_attention_op
+
+__all__ = [
+    "WanModel", "BlockContext", "run_blocks_sequentially", "sinusoidal_embedding_1d", "rope_params",
+    "PARALLELISM_TYPES", "get_available_gpus", "setup_multi_gpu_parallelism", "distribute_model_blocks",
+]
+
+CLIP_DIM = 1280             # CLIP ViT-H/14 penultimate hidden size, the image-token width
+CLIP_TOKENS = 257           # tokens per CLIP image (256 patches + class token)
+PARALLELISM_TYPES = ("none", "data_parallel", "block_distribution", "distributed")
+
+
+def sinusoidal_embedding_1d(dim, position):
+    """[N] positions -> [N, dim] embedding, cosines first, computed in float64 as Wan does."""
+    half = dim // 2
+    position = position.to(torch.float64)
+    sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half, dtype=torch.float64,
+                                                                      device=position.device).div(half)))
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
+
+
+def rope_params(max_seq_len, dim, theta=10000):
+    """Rotation angles [max_seq_len, dim // 2] (float64) for one RoPE axis of `dim` channels."""
+    assert dim % 2 == 0
+    return torch.outer(torch.arange(max_seq_len, dtype=torch.float64),
+                       1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64).div(dim)))
+
+
+def rope_frequencies(head_dim, grid_size, device, max_seq_len=1024):
+    """Complex rotations [F*H*W, 1, head_dim // 2] for a (F, H, W) token grid.
+
+    The head dimension is split between time, height and width as in Wan 2.1:
+    head_dim - 4 * (head_dim // 6) channels for time, 2 * (head_dim // 6) each for height and width.
+    """
+    f, h, w = grid_size
+    axis_dims = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
+    angles_t, angles_h, angles_w = (rope_params(max_seq_len, d) for d in axis_dims)
+    if max(f, h, w) > max_seq_len:
+        raise ValueError(f"Token grid {grid_size} exceeds the RoPE table of {max_seq_len} positions per axis.")
+    angles = torch.cat([
+        angles_t[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+        angles_h[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+        angles_w[:w].view(1, 1, w, -1).expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, 1, -1)
+    return torch.polar(torch.ones_like(angles), angles).to(device=device, dtype=torch.complex64)
+
+
+def apply_rope(x, rope):
+    """Rotate channel pairs of x [B, L, H, Dh] by rope [B or 1, L, 1, Dh/2] (complex64)."""
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rope
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+
+
+@dataclass
+class BlockContext:
+    """Everything a block needs besides the tokens; moves between devices as one piece.
+
+    e0:          [B, 6, dim] float32 timestep modulation
+    context:     [B, Lt, dim] embedded text tokens
+    context_img: [B, Li, dim] embedded CLIP image tokens (i2v / flf2v) or None
+    rope:        [B or 1, L, 1, head_dim / 2] complex rotations of the token positions
+    key_mask:    [B, L] bool, False on padding of ragged batches; None when every sample is full
+    """
+    e0: torch.Tensor
+    context: torch.Tensor
+    context_img: Optional[torch.Tensor]
+    rope: torch.Tensor
+    key_mask: Optional[torch.Tensor] = None
+
+    def to(self, device, non_blocking=False):
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        return BlockContext(move(self.e0), move(self.context), move(self.context_img), move(self.rope),
+                            move(self.key_mask))
+
+    def select(self, batch_slice):
+        """The context of a slice of the batch (for micro-batches and data parallelism)."""
+        pick = lambda t: None if t is None else t[batch_slice]
+        rope = self.rope if self.rope.shape[0] == 1 else self.rope[batch_slice]  # shared by the batch or per sample
+        return BlockContext(pick(self.e0), pick(self.context), pick(self.context_img), rope, pick(self.key_mask))
+
+    def with_tokens(self, rope, key_mask):
+        """The same context for another set of tokens (a sequence shard)."""
+        return replace(self, rope=rope, key_mask=key_mask)
+
+
+class WanRMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim, num_heads, window_size=(-1, -1), qk_norm=True, eps=1e-6):
+        super().__init__()
+        assert dim % num_heads == 0
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.window_size = window_size
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.attn_op = make_attention_op("sdpa")
+
+    def forward(self, x, ctx: BlockContext):
+        """x: [B, L, dim] -> [B, L, dim]."""
+        heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim))
+        q = apply_rope(heads(self.norm_q(self.q(x))), ctx.rope)
+        k = apply_rope(heads(self.norm_k(self.k(x))), ctx.rope)
+        v = heads(self.v(x))
+        return self.o(self.attn_op(q, k, v, key_mask=ctx.key_mask).flatten(2))
+
+
+class WanCrossAttention(nn.Module):
+    """Attention from video tokens to text tokens, plus CLIP image tokens for i2v (`has_image`)."""
+
+    def __init__(self, dim, num_heads, qk_norm=True, eps=1e-6, has_image=False):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.has_image = has_image
+        if has_image:
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_k_img = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.attn_op = make_attention_op("sdpa")
+
+    def forward(self, x, ctx: BlockContext):
+        """x: [B, L, dim] -> [B, L, dim]."""
+        heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim))
+        q = heads(self.norm_q(self.q(x)))
+        out = self.attn_op(q, heads(self.norm_k(self.k(ctx.context))), heads(self.v(ctx.context)))
+        if self.has_image:
+            img = ctx.context_img
+            out = out + self.attn_op(q, heads(self.norm_k_img(self.k_img(img))), heads(self.v_img(img)))
+        return self.o(out.flatten(2))
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, cross_attn_type, dim, ffn_dim, num_heads, window_size=(-1, -1), qk_norm=True,
+                 cross_attn_norm=False, eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(dim, num_heads, window_size, qk_norm, eps)
+        self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.cross_attn = WanCrossAttention(dim, num_heads, qk_norm, eps, has_image=cross_attn_type == "i2v_cross_attn")
+        self.norm2 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, ctx: BlockContext):
+        """x: [B, L, dim] -> [B, L, dim]; six-way modulation from ctx.e0 [B, 6, dim]."""
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = \
+            (m.to(x.dtype) for m in (self.modulation.float() + ctx.e0).unbind(1))
+        modulate = lambda h, shift, scale: torch.addcmul(shift[:, None], h, 1 + scale[:, None])
+        x = torch.addcmul(x, self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), ctx), gate_sa[:, None])
+        x = x + self.cross_attn(self.norm3(x), ctx)
+        x = torch.addcmul(x, self.ffn(modulate(self.norm2(x), shift_ff, scale_ff)), gate_ff[:, None])
+        return x
+
+
+class Head(nn.Module):
+    def __init__(self, dim, out_dim, patch_size, eps=1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x, e):
+        """x: [B, L, dim], e: [B, dim] float32 -> [B, L, prod(patch_size) * out_dim]."""
+        shift, scale = (m.to(x.dtype) for m in (self.modulation.float() + e[:, None]).unbind(1))
+        return self.head(torch.addcmul(shift[:, None], self.norm(x), 1 + scale[:, None]))
+
+
+class MLPProj(nn.Module):
+    """CLIP image tokens [B, 257 (x2 for flf2v), 1280] -> [B, same, dim]."""
+
+    def __init__(self, in_dim, out_dim, flf_pos_emb=False):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
+        if flf_pos_emb:  # first and last frame: 2 x 257 tokens, each with a learned position
+            self.emb_pos = nn.Parameter(torch.zeros(1, 2 * CLIP_TOKENS, in_dim))
+
+    def forward(self, image_embeds):
+        if hasattr(self, "emb_pos"):
+            batch, tokens, width = image_embeds.shape
+            image_embeds = image_embeds.reshape(-1, 2 * tokens, width) if tokens != 2 * CLIP_TOKENS else image_embeds
+            image_embeds = image_embeds + self.emb_pos.to(image_embeds.dtype)
+        return self.proj(image_embeds)
+
+
+def run_blocks_sequentially(blocks, tokens, ctx):
+    """The default block runner: every block on the tokens' device, one after another."""
+    for block in blocks:
+        tokens = block(tokens, ctx)
+    return tokens
+
+
+class WanModel(nn.Module):
+    """Wan 2.1 diffusion transformer.
+
+    1.3B: dim 1536, ffn_dim 8960, num_heads 12, num_layers 30.
+    14B:  dim 5120, ffn_dim 13824, num_heads 40, num_layers 40.
+    in_dim is 16 for t2v and 36 for i2v / flf2v (16 noise + 4 mask + 16 image-latent channels).
+
+    parallelism_type, gpu_ids and enable_block_distribution record how the model is meant to run
+    across GPUs; `setup_multi_gpu_parallelism(model)` applies it once the weights are loaded.
+    """
+
+    def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=2048,
+                 ffn_dim=8192, freq_dim=256, text_dim=4096, out_dim=16, num_heads=16, num_layers=32,
+                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6,
+                 parallelism_type="none", gpu_ids=None, enable_block_distribution=False):
+        super().__init__()
+        if model_type not in ("t2v", "i2v", "flf2v"):
+            raise ValueError(f"model_type {model_type!r} is not one of 't2v', 'i2v', 'flf2v'.")
+        if parallelism_type not in PARALLELISM_TYPES:
+            raise ValueError(f"parallelism_type {parallelism_type!r} is not one of {PARALLELISM_TYPES}.")
+        self.model_type, self.patch_size, self.text_len = model_type, tuple(patch_size), text_len
+        self.in_dim, self.dim, self.ffn_dim, self.freq_dim = in_dim, dim, ffn_dim, freq_dim
+        self.text_dim, self.out_dim, self.num_heads, self.num_layers = text_dim, out_dim, num_heads, num_layers
+        self.window_size, self.qk_norm, self.cross_attn_norm, self.eps = window_size, qk_norm, cross_attn_norm, eps
+        self.parallelism_type, self.gpu_ids = parallelism_type, gpu_ids
+        self.enable_block_distribution = enable_block_distribution
+
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        cross_attn_type = "t2v_cross_attn" if model_type == "t2v" else "i2v_cross_attn"
+        self.blocks = nn.ModuleList([
+            WanAttentionBlock(cross_attn_type, dim, ffn_dim, num_heads, window_size, qk_norm, cross_attn_norm, eps)
+            for _ in range(num_layers)])
+        self.head = Head(dim, out_dim, patch_size, eps)
+        if model_type in ("i2v", "flf2v"):
+            self.img_emb = MLPProj(CLIP_DIM, dim, flf_pos_emb=model_type == "flf2v")
+        self.block_runner = run_blocks_sequentially
+
+    @property
+    def head_dim(self):
+        return self.dim // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return self.head.head.weight.dtype
+
+    def set_attention_backend(self, backend):
+        """Route every attention of the model through `backend` ('sdpa', 'flash_attn', 'sageattention')."""
+        op = make_attention_op(backend)
+        for block in self.blocks:
+            block.self_attn.attn_op = op
+            block.cross_attn.attn_op = op
+
+    # --- the three stages of a forward ---------------------------------------------------------
+
+    def embed(self, x, t, context, clip_fea=None, y=None):
+        """Latents and conditioning -> (tokens [B, L, dim], BlockContext, e [B, dim], grid sizes).
+
+        x: list of [C, F, H, W]; t: [B]; context: list of [Lt, text_dim]; clip_fea: [B, Li, 1280];
+        y: list of [C', F, H, W] concatenated to x on channels (i2v mask and image latents).
+        """
+        if self.model_type != "t2v" and (clip_fea is None or y is None):
+            raise ValueError(f"A {self.model_type} model needs clip_fea (CLIP image tokens) and y "
+                             "(mask and image latents); got " +
+                             ("no clip_fea" if clip_fea is None else "no y") + ".")
+        dtype, device = self.compute_dtype, self.patch_embedding.weight.device
+        if y is not None:
+            x = [torch.cat([u, v]) for u, v in zip(x, y)]
+        if x[0].shape[0] != self.in_dim:
+            raise ValueError(f"The model takes {self.in_dim} input channels; got {x[0].shape[0]}. "
+                             + ("Image-to-video models need the mask and image latents in y." if self.in_dim > x[0].shape[0] else ""))
+        shapes = [tuple(u.shape) for u in x]
+        if len(set(shapes)) == 1:
+            patches = self.patch_embedding(torch.stack(x).to(device, dtype))
+            grid_sizes = [tuple(patches.shape[2:])] * len(x)
+            tokens = patches.flatten(2).transpose(1, 2)
+            key_mask = None
+            rope = rope_frequencies(self.head_dim, grid_sizes[0], device)[None]
+        else:  # ragged batch: pad to the longest sample and mask the padding out of self-attention
+            patches = [self.patch_embedding(u[None].to(device, dtype)) for u in x]
+            grid_sizes = [tuple(p.shape[2:]) for p in patches]
+            seq_lens = [math.prod(g) for g in grid_sizes]
+            longest = max(seq_lens)
+            tokens = torch.cat([F.pad(p.flatten(2).transpose(1, 2), (0, 0, 0, longest - n))
+                                for p, n in zip(patches, seq_lens)])
+            key_mask = torch.arange(longest, device=device)[None] < torch.tensor(seq_lens, device=device)[:, None]
+            rope = torch.stack([F.pad(rope_frequencies(self.head_dim, g, device), (0, 0, 0, 0, 0, longest - n))
+                                for g, n in zip(grid_sizes, seq_lens)])
+
+        t = t.to(device).reshape(-1).expand(len(x)) if t.numel() == 1 else t.to(device)
+        e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t).to(dtype)).float()
+        e0 = self.time_projection(e.to(dtype)).float().unflatten(1, (6, self.dim))
+
+        text = torch.stack([F.pad(u, (0, 0, 0, self.text_len - u.shape[0])) if u.shape[0] < self.text_len else u
+                            for u in context])
+        text = self.text_embedding(text.to(device, dtype))
+        context_img = self.img_emb(clip_fea.to(device, dtype)) if clip_fea is not None and self.model_type != "t2v" else None
+        return tokens, BlockContext(e0, text, context_img, rope, key_mask), e, grid_sizes
+
+    def unembed(self, tokens, e, grid_sizes):
+        """Tokens [B, L, dim] -> list of [out_dim, F, H, W] float32 latents."""
+        out = self.head(tokens, e.to(tokens.device))
+        pf, ph, pw = self.patch_size
+        videos = []
+        for u, (f, h, w) in zip(out, grid_sizes):
+            u = u[: f * h * w].view(f, h, w, pf, ph, pw, self.out_dim)
+            videos.append(torch.einsum("fhwpqrc->cfphqwr", u).reshape(self.out_dim, f * pf, h * ph, w * pw).float())
+        return videos
+
+    def forward(self, x, t, context, seq_len=None, clip_fea=None, y=None):
+        """x: list of [C, F, H, W]; t: [B] timesteps (0..1000); context: list of [Lt, text_dim];
+        seq_len: the official maximum token count (checked, no padding is needed);
+        clip_fea: [B, 257 or 514, 1280] CLIP tokens (i2v / flf2v); y: list of [C', F, H, W].
+        Returns a list of [out_dim, F, H, W] float32 tensors.
+        """
+        if isinstance(x, torch.Tensor):
+            x = list(x)
+        tokens, ctx, e, grid_sizes = self.embed(x, t, context, clip_fea, y)
+        if seq_len is not None and tokens.shape[1] > seq_len:
+            raise ValueError(f"The latents make {tokens.shape[1]} tokens, more than seq_len={seq_len}.")
+        tokens = self.block_runner(self.blocks, tokens, ctx)
+        return self.unembed(tokens, e, grid_sizes)
+
+
+# The documented multi-GPU entry points live with their strategies; they are importable from here.
+from ..parallel import get_available_gpus, setup_multi_gpu_parallelism, distribute_model_blocks  # noqa: E402

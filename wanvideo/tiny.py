@@ -1,0 +1,52 @@
+"""The built-in tiny Wan model: a random checkpoint of the real architecture at toy size.
+
+Tests and the example script write it to a temporary folder; nothing is downloaded. Its header
+carries its config (`wan_config` metadata), since the head count of a toy model cannot be read from
+tensor shapes the way it is for the released models (128 channels per head).
+"""
+import json
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import CONFIG_METADATA_KEY
+from .modules.model import WanModel
+
+TINY_CONFIG = dict(patch_size=(1, 2, 2), text_len=512, dim=64, ffn_dim=128, freq_dim=32, text_dim=32,
+                   out_dim=16, num_heads=4, num_layers=4, window_size=(-1, -1), qk_norm=True,
+                   cross_attn_norm=True, eps=1e-6)
+IN_DIMS = {"t2v": 16, "i2v": 36, "flf2v": 36}
+
+
+def tiny_config(model_type="t2v", **overrides):
+    return dict(TINY_CONFIG, model_type=model_type, in_dim=IN_DIMS[model_type], **overrides)
+
+
+def make_tiny_state_dict(config, seed=0):
+    """Random weights for a WanModel of `config`, every tensor non-trivial (norm weights away from 1,
+    biases and the flf2v position embedding away from 0) so a wrong key mapping shows up."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in WanModel(**config).state_dict().items()}
+    state = {}
+    for key, shape in shapes.items():
+        noise = torch.randn(shape, generator=generator)
+        if "norm" in key and key.endswith("weight"):
+            state[key] = 1 + 0.1 * noise
+        elif key.endswith("bias") or key.endswith("emb_pos"):
+            state[key] = 0.1 * noise
+        elif len(shape) >= 2 and "modulation" not in key:
+            fan_in = shape[1] * (shape[2] * shape[3] * shape[4] if len(shape) == 5 else 1)
+            state[key] = noise / fan_in**0.5
+        else:
+            state[key] = noise / shape[-1] ** 0.5
+    return state
+
+
+def make_tiny_checkpoint(path, model_type="t2v", prefix="", dtype=torch.float32, seed=0, **overrides):
+    """Write a tiny random Wan checkpoint to `path`; returns (path, config, state_dict)."""
+    config = tiny_config(model_type, **overrides)
+    state = make_tiny_state_dict(config, seed)
+    save_file({prefix + k: v.to(dtype).contiguous() for k, v in state.items()}, str(path),
+              metadata={CONFIG_METADATA_KEY: json.dumps(config)})
+    return path, config, state

@@ -1,0 +1,173 @@
+"""GPU benchmark of the Wan 2.1 model: one block and one whole forward, against diffusers.
+
+Real-size 1.3B and 14B configs with random bf16 weights (initialised on the GPU), 81 frames at
+480p (32,760 tokens) and 720p (75,600 tokens), 512 text tokens, SDPA. Prints a table and writes
+JSON to $OUT (or ./benchmarks/out) as model.json. Run it in the same call as
+`python benchmarks/wan_block_reference.py` (a copy of ../shared/reference) so both come from one card.
+
+    python benchmarks/bench_model.py [--cases 1.3B_480p,14B_480p,14B_720p] [--no-diffusers]
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from wanvideo.modules import model as model_module
+from wanvideo.modules.model import WanModel
+
+SIZES = {"1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+         "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)}
+RESOLUTIONS = {"480p": (60, 104), "720p": (90, 160)}  # latent height, width (pixels / 8)
+LATENT_FRAMES = 21  # 81 video frames
+
+
+FUSED = (model_module.fused_norm_and_rope, model_module.fused_modulate, model_module.fused_gated_residual)
+
+
+def event_time_ms(fn, iters=5, warmup=2):
+    """Median milliseconds of fn() measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def random_init_(module, std=0.02):
+    """Random (never zero) weights, drawn on the module's device."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0).add_(torch.randn_like(p), alpha=0.1)
+            else:
+                p.normal_(0, std)
+    return module
+
+
+def build_ours(size, device="cuda", dtype=torch.bfloat16, layers=None):
+    config = dict(SIZES[size], model_type="t2v", in_dim=16)
+    if layers is not None:
+        config["num_layers"] = layers
+    with torch.device("meta"):
+        model = WanModel(**config)
+    model = model.to_empty(device=device).to(dtype)
+    return random_init_(model).eval().requires_grad_(False)
+
+
+def build_diffusers(size, device="cuda", dtype=torch.bfloat16):
+    from diffusers import WanTransformer3DModel
+    s = SIZES[size]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(num_attention_heads=s["num_heads"], attention_head_dim=128, in_channels=16,
+                                          out_channels=16, ffn_dim=s["ffn_dim"], num_layers=s["num_layers"])
+    finally:
+        torch.set_default_dtype(previous)
+    return random_init_(model).eval().requires_grad_(False)
+
+
+def forward_flops(config, tokens, text_tokens=512):
+    """Matmul and attention FLOPs of one forward of `config` over `tokens` video tokens."""
+    dim, ffn, layers = config["dim"], config["ffn_dim"], config["num_layers"]
+    per_block = (2 * tokens * (4 * dim * dim + 2 * dim * ffn + 2 * dim * dim)  # self q,k,v,o; ffn; cross q,o
+                 + 2 * text_tokens * 2 * dim * dim                             # cross k,v
+                 + 4 * tokens * tokens * dim + 4 * tokens * text_tokens * dim)  # attention
+    return layers * per_block
+
+
+def bench_case(size, resolution, use_diffusers, results, blocks_only=False):
+    h, w = RESOLUTIONS[resolution]
+    tokens = LATENT_FRAMES * (h // 2) * (w // 2)
+    name = f"{size}_{resolution}"
+    row = {"case": name, "tokens": tokens}
+    torch.manual_seed(0)
+    x = [torch.randn(16, LATENT_FRAMES, h, w, device="cuda")]
+    t = torch.tensor([500.0], device="cuda")
+    context = [torch.randn(512, 4096, device="cuda")]
+
+    model = build_ours(size)
+    config = dict(SIZES[size])
+    with torch.inference_mode():
+        tok, ctx, e, grid = model.embed(x, t, context)
+        block = model.blocks[0]
+        torch.cuda.reset_peak_memory_stats()
+        row["block_ms"] = event_time_ms(lambda: block(tok, ctx), iters=7, warmup=2)
+        block_flops = forward_flops(dict(config, num_layers=1), tokens)
+        row["block_tflops"] = block_flops / row["block_ms"] / 1e9
+        row["fused_kernels"] = not model_module.fused_norm_and_rope.failed
+        fused_out = block(tok, ctx)
+        for fused in FUSED:
+            fused.failed = True
+        row["block_eager_ms"] = event_time_ms(lambda: block(tok, ctx), iters=5, warmup=1)
+        eager_out = block(tok, ctx)
+        row["fused_vs_eager_rel_err"] = ((fused_out.float() - eager_out.float()).norm() / eager_out.float().norm()).item()
+        for fused in FUSED:
+            fused.failed = not row["fused_kernels"]
+        del fused_out, eager_out
+        if blocks_only:
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            return
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        row["forward_s"] = event_time_ms(lambda: model(x, t, context), iters=3, warmup=1) / 1000
+        row["forward_tflops"] = forward_flops(config, tokens) / row["forward_s"] / 1e12
+        row["forward_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        del tok, ctx, e
+    del model
+    torch.cuda.empty_cache()
+
+    if use_diffusers:
+        model = build_diffusers(size)
+        hidden = x[0][None].to(torch.bfloat16)
+        text = context[0][None].to(torch.bfloat16)
+        with torch.inference_mode():
+            torch.cuda.reset_peak_memory_stats()
+            row["diffusers_forward_s"] = event_time_ms(
+                lambda: model(hidden, t, text, return_dict=False), iters=3, warmup=1) / 1000
+            row["diffusers_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        row["speedup_vs_diffusers"] = row["diffusers_forward_s"] / row["forward_s"]
+        del model
+        torch.cuda.empty_cache()
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="1.3B_480p,14B_480p,14B_720p")
+    parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' model")
+    parser.add_argument("--blocks-only", action="store_true", help="time one block only (fused and eager)")
+    args = parser.parse_args()
+    results = []
+    start = time.time()
+    for case in args.cases.split(","):
+        size, resolution = case.split("_")
+        bench_case(size, resolution, not args.no_diffusers, results, args.blocks_only)
+    out = os.environ.get("OUT", "benchmarks/out")
+    os.makedirs(out, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "seconds": time.time() - start}
+    json.dump({"info": info, "results": results}, open(os.path.join(out, "model.json"), "w"), indent=1)
+    print(f"\n{info['device']}  torch {info['torch']}")
+    print(f"{'case':<10} {'block ms':>9} {'eager ms':>9} {'TFLOP/s':>8} {'fwd s':>7} {'peak GiB':>9} "
+          f"{'diffusers s':>12} {'speed-up':>9}")
+    nan = float("nan")
+    for r in results:
+        print(f"{r['case']:<10} {r['block_ms']:>9.2f} {r['block_eager_ms']:>9.2f} {r['block_tflops']:>8.0f} "
+              f"{r.get('forward_s', nan):>7.3f} {r.get('forward_peak_GiB', nan):>9.1f} "
+              f"{r.get('diffusers_forward_s', nan):>12.3f} {r.get('speedup_vs_diffusers', nan):>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

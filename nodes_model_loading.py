@@ -1,0 +1,168 @@
+"""Loader nodes: the standard Wan model loader, the Multi-GPU loader that extends it with a
+strategy, and the block swap, LoRA and compile settings that feed both."""
+import logging
+
+import comfy_host
+from nodes_sampler import MODEL_TYPE
+from wanvideo.modules.attention import available_backends
+from wanvideo.parallel.offload import BlockSwapSettings
+from wanvideo.pipeline import LoadSettings, load_pipeline
+from wanvideo.quantization import QUANTIZATION_MODES
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SWAP_TYPE = "WANVIDEO_MGPU_BLOCKSWAP"
+LORA_TYPE = "WANVIDEO_MGPU_LORA"
+COMPILE_TYPE = "WANVIDEO_MGPU_COMPILE"
+CATEGORY = "WanVideoMultiGPU"
+
+
+class WanMultiGPUModelLoader:
+    """Loads a Wan 2.1 diffusion model (t2v, i2v, flf2v; 1.3B, 14B) from models/diffusion_models."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (comfy_host.list_model_files("diffusion_models"), {
+                    "tooltip": "A Wan 2.1 diffusion model (.safetensors) from models/diffusion_models: official or "
+                               "ComfyUI-repackaged, bf16, fp16, fp32 or fp8."}),
+                "base_precision": (["bf16", "fp16", "fp32"], {
+                    "default": "bf16", "tooltip": "Precision of the computation and of the weights that are not "
+                                                  "quantized. bf16 is Wan's own; fp32 needs twice the memory."}),
+                "quantization": (list(QUANTIZATION_MODES), {
+                    "default": "disabled", "tooltip": "Store the transformer blocks' large weights in fp8: half the "
+                                                      "memory of bf16, small quality cost. fp8_e4m3fn is the more "
+                                                      "precise; '_fast' variants also compute in fp8 on GPUs that support it."}),
+                "load_device": (["main_device", "offload_device"], {
+                    "default": "main_device", "tooltip": "Where the weights rest between runs: on the GPU (fastest), or "
+                                                         "in CPU memory, moved to the GPU for each run."}),
+                "attention_mode": (available_backends(), {
+                    "default": "sdpa", "tooltip": "Attention implementation: PyTorch SDPA, or flash-attn / "
+                                                  "SageAttention where installed."}),
+            },
+            "optional": {
+                "lora": (LORA_TYPE, {"tooltip": "LoRAs from 'WanVideo LoRA Select (Multi-GPU pack)', merged at load."}),
+                "block_swap_args": (BLOCK_SWAP_TYPE, {"tooltip": "Block swap settings: keep some blocks in CPU memory to "
+                                                                 "fit a model larger than the GPU."}),
+                "compile_args": (COMPILE_TYPE, {"tooltip": "torch.compile settings for the transformer blocks."}),
+            },
+        }
+
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a Wan 2.1 model for 'WanVideo Sampler (Multi-GPU pack)'."
+
+    @staticmethod
+    def settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora=None,
+                             block_swap_args=None, compile_args=None):
+        return LoadSettings(base_precision=base_precision, quantization=quantization, attention_mode=attention_mode,
+                            load_device=load_device, loras=list(lora or []), block_swap=block_swap_args,
+                            compile_args=compile_args)
+
+    def load(self, model, base_precision, quantization, load_device, attention_mode, lora=None,
+             block_swap_args=None, compile_args=None):
+        path = comfy_host.model_file_path("diffusion_models", model)
+        settings = self.settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora,
+                                             block_swap_args, compile_args)
+        comfy_host.free_memory_for_run()
+        pipeline = load_pipeline(path, comfy_host.main_device(), settings, offload_device=comfy_host.offload_device())
+        return (pipeline,)
+
+
+class WanMultiGPUBlockSwap:
+    """Block swap settings for the loaders."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "blocks_to_swap": ("INT", {"default": 20, "min": 0, "max": 48, "tooltip": "How many transformer blocks "
+                                       "(of 30 in 1.3B, 40 in 14B) stay in CPU memory and stream to the GPU as they run. "
+                                       "Each 14B bf16 block is 0.7 GB."}),
+            "prefetch_blocks": ("INT", {"default": 1, "min": 0, "max": 8, "tooltip": "Blocks uploaded ahead of use on a "
+                                        "separate copy stream; 1 hides the transfers on PCIe 4/5 for most resolutions."}),
+            "use_non_blocking": ("BOOLEAN", {"default": True, "tooltip": "Asynchronous copies from pinned memory; turn "
+                                             "off only to debug."}),
+            "offload_txt_emb": ("BOOLEAN", {"default": False, "tooltip": "Also keep the text embedding (~0.1 GB for "
+                                            "14B) in CPU memory."}),
+            "offload_img_emb": ("BOOLEAN", {"default": False, "tooltip": "Also keep the image-to-video CLIP projection "
+                                            "in CPU memory."}),
+        }}
+
+    RETURN_TYPES = (BLOCK_SWAP_TYPE,)
+    RETURN_NAMES = ("block_swap_args",)
+    FUNCTION = "settings"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Block swap to pinned CPU memory with prefetch, for models larger than the GPU."
+
+    def settings(self, blocks_to_swap, prefetch_blocks, use_non_blocking, offload_txt_emb, offload_img_emb):
+        return (BlockSwapSettings(blocks_to_swap=blocks_to_swap, prefetch_blocks=prefetch_blocks,
+                                  use_non_blocking=use_non_blocking, offload_txt_emb=offload_txt_emb,
+                                  offload_img_emb=offload_img_emb),)
+
+
+class WanMultiGPULoraSelect:
+    """Chooses a LoRA and its strength; chain several."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "lora": (comfy_host.list_model_files("loras"), {"tooltip": "A Wan 2.1 LoRA (.safetensors) from "
+                                                                           "models/loras: ComfyUI, kohya/musubi or diffusers format."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                       "tooltip": "Multiplier of the LoRA's change; 0 leaves the model as it is."}),
+            },
+            "optional": {
+                "prev_lora": (LORA_TYPE, {"tooltip": "LoRAs chosen before this one; they are merged in order."}),
+            },
+        }
+
+    RETURN_TYPES = (LORA_TYPE,)
+    RETURN_NAMES = ("lora",)
+    FUNCTION = "select"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Selects a LoRA to merge into the model at load."
+
+    def select(self, lora, strength, prev_lora=None):
+        return (list(prev_lora or []) + [(comfy_host.model_file_path("loras", lora), strength)],)
+
+
+class WanMultiGPUCompileSettings:
+    """torch.compile per transformer block."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mode": (["default", "max-autotune-no-cudagraphs", "reduce-overhead"], {
+                "default": "default", "tooltip": "torch.compile mode; max-autotune takes longer to compile."}),
+            "dynamic": ("BOOLEAN", {"default": False, "tooltip": "Compile for varying shapes (fewer recompiles when "
+                                                                  "the resolution changes, slightly slower kernels)."}),
+            "fullgraph": ("BOOLEAN", {"default": False, "tooltip": "Fail instead of falling back when a block cannot "
+                                                                   "be compiled whole."}),
+        }}
+
+    RETURN_TYPES = (COMPILE_TYPE,)
+    RETURN_NAMES = ("compile_args",)
+    FUNCTION = "settings"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Compiles each transformer block with torch.compile (works with block swap). Off unless connected."
+
+    def settings(self, mode, dynamic, fullgraph):
+        return ({"mode": None if mode == "default" else mode, "dynamic": dynamic, "fullgraph": fullgraph},)
+
+
+NODE_CLASS_MAPPINGS = {
+    "WanMultiGPUModelLoader": WanMultiGPUModelLoader,
+    "WanMultiGPUBlockSwap": WanMultiGPUBlockSwap,
+    "WanMultiGPULoraSelect": WanMultiGPULoraSelect,
+    "WanMultiGPUCompileSettings": WanMultiGPUCompileSettings,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WanMultiGPUModelLoader": "WanVideo Model Loader (Multi-GPU pack)",
+    "WanMultiGPUBlockSwap": "WanVideo Block Swap (Multi-GPU pack)",
+    "WanMultiGPULoraSelect": "WanVideo LoRA Select (Multi-GPU pack)",
+    "WanMultiGPUCompileSettings": "WanVideo Torch Compile (Multi-GPU pack)",
+}

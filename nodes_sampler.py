@@ -1,0 +1,158 @@
+"""The sampler node: ComfyUI's native Wan conditioning in, a LATENT for ComfyUI's VAEDecode out."""
+import logging
+
+import torch
+import torch.nn.functional as F
+
+import comfy_host
+from wanvideo.latent_format import (LATENT_CHANNELS, SPATIAL_COMPRESSION, denormalize_latents, latent_frame_count,
+                                    normalize_latents)
+from wanvideo.sampling import SCHEDULERS, Conditioning, make_noise
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPE = "WANVIDEO_MGPU_MODEL"
+MASK_CHANNELS = 4
+
+
+def _conditioning_entry(conditioning, name):
+    if not isinstance(conditioning, (list, tuple)) or not conditioning or len(conditioning[0]) != 2:
+        raise ValueError(f"{name} is not ComfyUI CONDITIONING (a list of [tensor, dict]); connect a CLIPTextEncode "
+                         "(CLIPLoader type 'wan') or WanImageToVideo output.")
+    if len(conditioning) > 1:
+        logger.warning("%s has %d entries (combined prompts); only the first is used.", name, len(conditioning))
+    text, extras = conditioning[0]
+    if text.dim() != 3 or text.shape[-1] != 4096:
+        raise ValueError(f"{name} holds text embeddings of shape {tuple(text.shape)}; Wan 2.1 needs umT5-XXL "
+                         "embeddings (1, L, 4096): load the text encoder with CLIPLoader type 'wan'.")
+    return text, extras
+
+
+def _image_condition(extras, batch, frames, height, width):
+    """WanImageToVideo's concat_latent_image (raw) and concat_mask (1 = generate) -> y [B, 20, T, h, w]:
+    4 mask channels (1 = known frame) then the normalised image latents, as Wan 2.1 expects."""
+    image = extras.get("concat_latent_image")
+    if image is None:
+        return torch.zeros(batch, MASK_CHANNELS + LATENT_CHANNELS, frames, height, width)
+    image = image.float()
+    if tuple(image.shape[-2:]) != (height, width):
+        image = torch.stack([F.interpolate(image[:, :, t], size=(height, width), mode="bilinear")
+                             for t in range(image.shape[2])], dim=2)
+    image = normalize_latents(image[:, :LATENT_CHANNELS, :frames])
+    mask = extras.get("concat_mask")
+    if mask is None:
+        mask = torch.zeros(1, 1, frames, height, width)
+    mask = mask.float()
+    if mask.shape[1] not in (1, MASK_CHANNELS):
+        mask = mask.mean(dim=1, keepdim=True)
+    known = 1.0 - mask
+    if tuple(known.shape[-2:]) != (height, width):
+        known = F.interpolate(known, size=(known.shape[2], height, width), mode="trilinear")
+    known = F.pad(known[:, :, :frames], (0, 0, 0, 0, 0, frames - min(frames, known.shape[2])))
+    known = known.expand(-1, MASK_CHANNELS, -1, -1, -1)
+    y = torch.cat([known.expand(image.shape[0], -1, -1, -1, -1), image], dim=1)
+    return y.expand(batch, -1, -1, -1, -1) if y.shape[0] == 1 else y
+
+
+def comfy_to_conditioning(conditioning, name, model_type, batch, latent_shape):
+    """ComfyUI CONDITIONING -> one Conditioning branch for `batch` videos of latent shape (T, h, w)."""
+    text, extras = _conditioning_entry(conditioning, name)
+    context = [text[min(i, text.shape[0] - 1)].float() for i in range(batch)]
+    if model_type == "t2v":
+        return Conditioning(context=context)
+    vision = extras.get("clip_vision_output")
+    if vision is None:
+        raise ValueError(f"The {model_type} model needs CLIP vision features in {name}: connect CLIPVisionLoader -> "
+                         "CLIPVisionEncode to WanImageToVideo's clip_vision_output (or use a text-to-video model).")
+    clip_fea = getattr(vision, "penultimate_hidden_states", None)
+    if clip_fea is None:
+        clip_fea = vision["penultimate_hidden_states"]
+    clip_fea = clip_fea.float()
+    clip_fea = clip_fea.expand(batch, -1, -1) if clip_fea.shape[0] == 1 else clip_fea
+    return Conditioning(context=context, clip_fea=clip_fea, y=_image_condition(extras, batch, *latent_shape))
+
+
+class WanMultiGPUSampler:
+    """Denoises a Wan 2.1 video latent with the model from this package's loaders."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "The Wan 2.1 model from 'WanVideo Model Loader (Multi-GPU pack)' or "
+                                                  "'WanVideo Multi-GPU Loader'."}),
+                "positive": ("CONDITIONING", {"tooltip": "What the video should show: CLIPTextEncode with a CLIPLoader of "
+                                                         "type 'wan', or WanImageToVideo's positive output for image-to-video."}),
+                "negative": ("CONDITIONING", {"tooltip": "What to steer away from. Ignored (not computed) when cfg is 1."}),
+                "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16,
+                                  "tooltip": "Video width in pixels (multiple of 16). Ignored when a latent is connected."}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
+                                   "tooltip": "Video height in pixels (multiple of 16). Ignored when a latent is connected."}),
+                "num_frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4,
+                                       "tooltip": "Video frames, 4n+1 (81 = 5 s at 16 fps). Ignored when a latent is connected."}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "Denoising steps; 20-50 is typical."}),
+                "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale. 1 skips the negative pass (twice as fast)."}),
+                "shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 30.0, "step": 0.1,
+                                    "tooltip": "Flow-matching timestep shift: larger spends more steps on coarse structure. "
+                                               "Wan recommends 5 for 720p and 3 for 480p."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Noise seed; the same seed gives the same video on the same device."}),
+                "scheduler": (list(SCHEDULERS), {"default": "unipc",
+                                                 "tooltip": "unipc: Wan's default multistep solver; euler: first-order flow "
+                                                            "matching; dpm++: DPM-Solver++ 2M."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Below 1, start from the connected latent (video-to-video): how much of it "
+                                                 "is replaced."}),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": "Optional: a latent that sets the size (WanImageToVideo's latent, "
+                                                 "EmptyHunyuanLatentVideo) or, with denoise below 1, the video to transform."}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "sample"
+    CATEGORY = "WanVideoMultiGPU"
+    DESCRIPTION = "Samples a Wan 2.1 video with this package's model; decode the result with ComfyUI's VAEDecode."
+
+    def sample(self, model, positive, negative, width, height, num_frames, steps, cfg, shift, seed, scheduler,
+               denoise, latent=None):
+        init_latent = None
+        if latent is not None:
+            raw = latent["samples"].float()
+            if raw.dim() != 5 or raw.shape[1] != LATENT_CHANNELS:
+                raise ValueError(f"The latent has shape {tuple(raw.shape)}; Wan 2.1 latents are [B, 16, T, H/8, W/8].")
+            shape = tuple(raw.shape)
+            if denoise < 1.0:
+                if not raw.any():
+                    raise ValueError("denoise is below 1 but the connected latent is empty: connect an encoded video "
+                                     "(VAEEncode) or set denoise to 1.")
+                init_latent = normalize_latents(raw)
+        else:
+            if width % 16 or height % 16:
+                raise ValueError(f"width {width} and height {height} must be multiples of 16.")
+            if denoise < 1.0:
+                raise ValueError(f"denoise {denoise} needs a latent to start from: connect one, or set denoise to 1.")
+            shape = (1, LATENT_CHANNELS, latent_frame_count(num_frames), height // SPATIAL_COMPRESSION,
+                     width // SPATIAL_COMPRESSION)
+        batch, latent_shape = shape[0], shape[2:]
+        model_type = model.info.model_type
+        pos = comfy_to_conditioning(positive, "positive", model_type, batch, latent_shape)
+        neg = comfy_to_conditioning(negative, "negative", model_type, batch, latent_shape) if cfg != 1.0 else None
+        noise = make_noise(shape, seed)
+        progress = comfy_host.ProgressReporter(steps)
+        comfy_host.free_memory_for_run()
+        result = model.generate(noise, pos, neg, steps=steps, cfg=cfg, shift=shift, scheduler=scheduler,
+                                denoise=denoise, init_latent=init_latent,
+                                callback=progress if progress.active else None,
+                                check_interrupt=comfy_host.check_interrupt, progress=not progress.active)
+        out = dict(latent) if latent is not None else {}
+        out["samples"] = denormalize_latents(result.float().cpu())
+        out.pop("noise_mask", None)
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {"WanMultiGPUSampler": WanMultiGPUSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanMultiGPUSampler": "WanVideo Sampler (Multi-GPU pack)"}

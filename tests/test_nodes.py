@@ -1,0 +1,193 @@
+"""The ComfyUI nodes without ComfyUI: declarations, ids, and loader -> sampler end to end on CPU."""
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import comfy_host
+import nodes_sampler
+from known_node_ids import COMFY_API_WAN_NODE_IDS, COMFY_CORE_NODE_IDS, WANVIDEOWRAPPER_NODE_IDS
+from wanvideo.latent_format import LATENTS_MEAN, LATENTS_STD, normalize_latents
+from wanvideo.tiny import make_tiny_checkpoint
+
+VALID_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def load_package():
+    """Import the repository as ComfyUI does: a package from its folder's __init__.py."""
+    root = __file__.rsplit("/tests/", 1)[0]
+    spec = importlib.util.spec_from_file_location("wanvideo_multigpu_pack", f"{root}/__init__.py",
+                                                  submodule_search_locations=[root])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    return package
+
+
+PACKAGE = load_package()
+
+
+@pytest.fixture()
+def models_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    for model_type in ("t2v", "i2v"):
+        make_tiny_checkpoint(folder / f"wan_tiny_{model_type}.safetensors", model_type,
+                             prefix="model.diffusion_model.", text_dim=4096)  # native umT5 width
+    (folder / "old_format.ckpt").write_bytes(b"not listed")
+    monkeypatch.setenv("WANVIDEO_DIFFUSION_MODELS_DIR", str(folder))
+    monkeypatch.setenv("WANVIDEO_LORAS_DIR", str(tmp_path / "loras"))
+    return folder
+
+
+@pytest.mark.parametrize("node_id", sorted(PACKAGE.NODE_CLASS_MAPPINGS))
+def test_node_declarations(node_id, models_folder):
+    node = PACKAGE.NODE_CLASS_MAPPINGS[node_id]
+    assert node_id in PACKAGE.NODE_DISPLAY_NAME_MAPPINGS
+    inputs = node.INPUT_TYPES()
+    assert set(inputs) <= {"required", "optional", "hidden"} and inputs["required"]
+    for section in ("required", "optional"):
+        for name, spec in inputs.get(section, {}).items():
+            kind, options = spec
+            assert isinstance(kind, list) or isinstance(kind, str), (node_id, name)
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+            if isinstance(kind, list) and "default" in options:
+                assert options["default"] in kind, (node_id, name)
+            if kind in ("INT", "FLOAT"):
+                assert options["min"] <= options["default"] <= options["max"], (node_id, name)
+    assert isinstance(node.RETURN_TYPES, tuple) and len(node.RETURN_NAMES) == len(node.RETURN_TYPES)
+    assert callable(getattr(node(), node.FUNCTION))
+    assert node.CATEGORY == "WanVideoMultiGPU" and node.DESCRIPTION
+
+
+def test_node_ids_do_not_collide():
+    ours = set(PACKAGE.NODE_CLASS_MAPPINGS)
+    taken = set(COMFY_CORE_NODE_IDS) | set(COMFY_API_WAN_NODE_IDS) | set(WANVIDEOWRAPPER_NODE_IDS)
+    assert not (ours - {"WanVideoMultiGPULoader"}) & taken
+    assert not set(PACKAGE.NODE_DISPLAY_NAME_MAPPINGS.values()) & taken
+
+
+def test_loader_lists_safetensors_only(models_folder):
+    listed = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUModelLoader"].INPUT_TYPES()["required"]["model"][0]
+    assert listed == ["wan_tiny_i2v.safetensors", "wan_tiny_t2v.safetensors"]
+    with pytest.raises(FileNotFoundError, match="models/diffusion_models"):
+        comfy_host.model_file_path("diffusion_models", "gone.safetensors")
+
+
+def text_conditioning(seed, tokens=512, extras=None):
+    """CLIPTextEncode's output for the wan umT5: (1, max(512, n + 1), 4096), zero rows after the prompt."""
+    text = torch.zeros(1, tokens, 4096)
+    text[0, :9] = torch.randn(9, 4096, generator=torch.Generator().manual_seed(seed))
+    return [[text, dict(extras or {}, pooled_output=None)]]
+
+
+class ClipVisionOutput:
+    """Shaped like comfy.clip_vision.Output for CLIP-H."""
+
+    def __init__(self, seed):
+        self.penultimate_hidden_states = torch.randn(1, 257, 1280, generator=torch.Generator().manual_seed(seed))
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+def image_to_video_extras(frames=21, height=4, width=6, seed=0):
+    """What WanImageToVideo adds to the conditioning for one start frame (raw latents, 0 = known)."""
+    mask = torch.ones(1, 1, frames, height, width)
+    mask[:, :, :1] = 0.0
+    image = torch.randn(1, 16, frames, height, width, generator=torch.Generator().manual_seed(seed)) * 2
+    return {"concat_latent_image": image, "concat_mask": mask, "clip_vision_output": ClipVisionOutput(seed)}
+
+
+def test_image_conditioning_layout():
+    extras = image_to_video_extras(frames=3)
+    cond = nodes_sampler.comfy_to_conditioning(text_conditioning(0, extras=extras), "positive", "i2v", 2, (3, 4, 6))
+    assert cond.y.shape == (2, 20, 3, 4, 6) and cond.clip_fea.shape == (2, 257, 1280)
+    assert torch.equal(cond.y[:, :4, 0], torch.ones(2, 4, 4, 6))    # first frame known: mask 1
+    assert torch.equal(cond.y[:, :4, 1:], torch.zeros(2, 4, 2, 4, 6))
+    expected = (extras["concat_latent_image"][0] - torch.tensor(LATENTS_MEAN).view(16, 1, 1, 1)) \
+        / torch.tensor(LATENTS_STD).view(16, 1, 1, 1)
+    assert torch.allclose(cond.y[0, 4:], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="CLIP vision"):
+        nodes_sampler.comfy_to_conditioning(text_conditioning(0), "positive", "i2v", 1, (3, 4, 6))
+    with pytest.raises(ValueError, match="4096"):
+        nodes_sampler.comfy_to_conditioning([[torch.zeros(1, 77, 768), {}]], "positive", "t2v", 1, (3, 4, 6))
+
+
+def run_workflow(model_type, seed=7, cfg=5.0, **loader_args):
+    loader = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUModelLoader"]()
+    sampler = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]()
+    (pipeline,) = loader.load(f"wan_tiny_{model_type}.safetensors", "fp32", "disabled", "main_device", "sdpa",
+                              **loader_args)
+    extras = image_to_video_extras(frames=2) if model_type == "i2v" else None
+    latent = {"samples": torch.zeros(1, 16, 2, 4, 6)} if model_type == "i2v" else None
+    (out,) = sampler.sample(pipeline, text_conditioning(1, extras=extras), text_conditioning(2, extras=extras),
+                            48, 32, 5, steps=3, cfg=cfg, shift=3.0, seed=seed, scheduler="unipc", denoise=1.0,
+                            latent=latent)
+    return out["samples"], pipeline
+
+
+@pytest.mark.parametrize("model_type", ["t2v", "i2v"])
+def test_loader_to_sampler_end_to_end(models_folder, model_type):
+    samples, pipeline = run_workflow(model_type)
+    assert samples.shape == (1, 16, 2, 4, 6) and samples.dtype == torch.float32 and torch.isfinite(samples).all()
+    assert torch.equal(run_workflow(model_type)[0], samples)           # same seed, same video
+    assert not torch.equal(run_workflow(model_type, seed=8)[0], samples)
+    assert "wan_tiny" not in pipeline.describe() and model_type in pipeline.describe()
+
+
+def test_block_swap_node_gives_the_same_video(models_folder):
+    (swap,) = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUBlockSwap"]().settings(2, 1, True, True, False)
+    reference, _ = run_workflow("t2v")
+    swapped, pipeline = run_workflow("t2v", block_swap_args=swap)
+    assert torch.allclose(swapped, reference, rtol=1e-5, atol=1e-5)
+    assert "blocks 0-1 swapped" in pipeline.placement
+    pipeline.unload()
+    with pytest.raises(RuntimeError, match="unloaded"):
+        pipeline.generate(torch.zeros(1, 16, 1, 2, 2), None)
+
+
+def test_lora_select_chains_and_merges(models_folder, tmp_path):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(5)
+    save_file({"diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(4, 64, generator=generator),
+               "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(128, 4, generator=generator)},
+              str(folder / "style.safetensors"))
+    select = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPULoraSelect"]()
+    assert select.INPUT_TYPES()["required"]["lora"][0] == ["style.safetensors"]
+    (chain,) = select.select("style.safetensors", 0.5)
+    (chain,) = select.select("style.safetensors", 0.25, prev_lora=chain)
+    assert [s for _, s in chain] == [0.5, 0.25]
+    with_lora, _ = run_workflow("t2v", lora=chain)
+    assert not torch.allclose(with_lora, run_workflow("t2v")[0])
+
+
+def test_interrupt_stops_within_one_step(models_folder, monkeypatch):
+    calls = []
+    monkeypatch.setattr(comfy_host, "check_interrupt", lambda: calls.append(1) or (len(calls) > 1 and _raise()))
+    with pytest.raises(KeyboardInterrupt):
+        run_workflow("t2v")
+    assert len(calls) == 2  # stopped before the second step's model call
+
+
+def _raise():
+    raise KeyboardInterrupt("cancelled")
+
+
+def test_video_to_video_needs_a_latent(models_folder):
+    sampler = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]()
+    loader = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUModelLoader"]()
+    (pipeline,) = loader.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa")
+    cond = text_conditioning(1)
+    with pytest.raises(ValueError, match="needs a latent"):
+        sampler.sample(pipeline, cond, cond, 48, 32, 5, 2, 5.0, 3.0, 0, "euler", 0.5)
+    raw = torch.randn(1, 16, 2, 4, 6)
+    (out,) = sampler.sample(pipeline, cond, cond, 48, 32, 5, 2, 5.0, 3.0, 0, "euler", 0.3, latent={"samples": raw})
+    (full,) = sampler.sample(pipeline, cond, cond, 48, 32, 5, 2, 5.0, 3.0, 0, "euler", 1.0, latent={"samples": raw})
+    # a light denoise stays closer to the input video than a full one
+    assert (out["samples"] - raw).norm() < (full["samples"] - raw).norm()
+    assert torch.allclose(normalize_latents(raw), normalize_latents(raw))

@@ -1,0 +1,319 @@
+"""The planner on injected GPU inventories and real-size checkpoint headers (sparse files, no data)."""
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from wanvideo import inspect_checkpoint
+from wanvideo.checkpoint import build_meta_model
+from wanvideo.modules.model import WanModel
+from wanvideo.parallel import plan
+from wanvideo.parallel.plan import (GIB, PLAN_KEYS, ModelFootprint, estimate_block_distribution_bytes,
+                                    estimate_single_gpu_bytes, latent_token_count, plan_parallelism,
+                                    sequence_parallel_degrees, usable_memory)
+
+SIZES = {
+    "1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+}
+
+
+def write_header_only_checkpoint(path, model_type="t2v", **size):
+    """A safetensors file with the official keys and shapes of a real Wan 2.1 model whose data is a
+    hole (sparse file): the header is real, the 28 GB of a 14B take no disk space."""
+    config = dict(model_type=model_type, in_dim=16 if model_type == "t2v" else 36, text_dim=4096, freq_dim=256,
+                  out_dim=16, **size)
+    with torch.device("meta"):
+        state = WanModel(**config).state_dict()
+    header, offset = {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * 2
+        header[key] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        f.truncate(8 + len(blob) + offset)
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_size(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("headers")
+    return {name: inspect_checkpoint(str(write_header_only_checkpoint(folder / f"wan_{name}.safetensors", **size)))
+            for name, size in SIZES.items()}
+
+
+def inventory(*sizes_gib, in_use_gib=0.5, peers=True):
+    """GPUs of these sizes (GiB), each with `in_use_gib` taken by the desktop / CUDA context."""
+    gpus = [dict(index=i, name=f"GPU{i}", total_memory=int(s * GIB), free_memory=int((s - in_use_gib) * GIB))
+            for i, s in enumerate(sizes_gib)]
+    for gpu in gpus:
+        gpu["peers"] = [g["index"] for g in gpus if g is not gpu] if peers else []
+    return gpus
+
+
+def meta_bytes(module, bytes_per_element=2):
+    return sum(p.numel() for p in module.parameters()) * bytes_per_element
+
+
+def assert_fits(config, gpus):
+    by_index = {g["index"]: g for g in gpus}
+    assert len(config["estimated_memory_per_gpu"]) == len(config["gpu_ids"])
+    for gpu_id, estimate in zip(config["gpu_ids"], config["estimated_memory_per_gpu"]):
+        assert estimate <= usable_memory(by_index[gpu_id]), (gpu_id, estimate / GIB, config["reason"])
+
+
+# --- building blocks -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width,height,frames", [(64, 48, 9), (96, 80, 17), (112, 64, 1)])
+def test_token_count_matches_the_patch_embedding(width, height, frames):
+    """tokens = ((frames-1)//4+1) * (h//16) * (w//16): checked against the model's own embedding of
+    latents of the Wan VAE's shape (4x in time with the first frame kept, 8x in space)."""
+    from wanvideo.tiny import tiny_config
+    model = WanModel(**tiny_config())
+    latents = torch.zeros(16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    tokens, *_ = model.embed([latents], torch.tensor([1.0]), [torch.zeros(3, 32)])
+    assert latent_token_count(width, height, frames) == tokens.shape[1]
+
+
+def test_real_size_headers_read_as_the_released_models(real_size):
+    assert real_size["14B"].size_name == "14B" and real_size["14B"].num_layers == 40
+    assert real_size["1.3B"].size_name == "1.3B" and real_size["1.3B"].config["num_heads"] == 12
+    assert real_size["14B"].config["num_heads"] == 40
+
+
+@pytest.mark.parametrize("size", ["1.3B", "14B"])
+@pytest.mark.parametrize("quantization", ["disabled", "fp8_e4m3fn"])
+def test_footprint_counts_the_parameters_of_the_architecture(real_size, size, quantization):
+    """Block, embedding and head bytes agree with a count over the meta-device model."""
+    footprint = ModelFootprint(real_size[size], "bf16", quantization)
+    model = build_meta_model(real_size[size].config)
+    block = model.blocks[0]
+    linear_elements = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+    other_elements = sum(p.numel() for p in block.parameters()) - linear_elements
+    linear_bytes = 1 if quantization != "disabled" else 2
+    assert footprint.block_bytes == linear_elements * linear_bytes + other_elements * 2
+    assert footprint.head_bytes == meta_bytes(model.head)
+    outside = meta_bytes(model) - sum(meta_bytes(b) for b in model.blocks)
+    assert footprint.embedding_bytes + footprint.head_bytes == outside
+
+
+def test_activation_estimate_scales_with_items_tokens_and_shards(real_size):
+    footprint = ModelFootprint(real_size["14B"])
+    one = footprint.activation_bytes(32760, 1)
+    assert footprint.activation_bytes(32760, 2) == 2 * one
+    assert footprint.activation_bytes(65520, 1) > 1.9 * one
+    quarter = footprint.activation_bytes(32760, 1, sequence_shards=4)
+    assert one / 4 < quarter < one / 2  # a quarter of the tokens plus the exchange buffers
+    # Not absurd: more than the residual stream and the FFN hidden layer of one item, less than 10x that.
+    floor = 32760 * (5120 + 13824) * 2
+    assert floor < one < 10 * floor
+
+
+# Measured on an H100 (bf16, random weights, one forward, PyTorch 2.11 SDPA): bytes above the weights,
+# live peak (max_memory_allocated) and reserved by the caching allocator (max_memory_reserved).
+MEASURED_ACTIVATIONS = [  # size, width, height, frames, items, live GiB, reserved GiB
+    ("1.3B", 832, 480, 81, 1, 1.52, 2.03), ("1.3B", 832, 480, 81, 2, 2.96, 3.79),
+    ("1.3B", 1280, 720, 81, 2, 6.82, 8.41), ("14B", 832, 480, 81, 1, 2.96, 4.38),
+    ("14B", 832, 480, 81, 2, 5.90, 8.56), ("14B", 1280, 720, 81, 1, 6.82, 9.76),
+    ("14B", 1280, 720, 81, 2, 13.60, 18.68),
+]
+
+
+@pytest.mark.parametrize("size,width,height,frames,items,live,reserved", MEASURED_ACTIVATIONS)
+def test_activation_estimate_covers_the_measured_forward(real_size, size, width, height, frames, items, live,
+                                                         reserved):
+    estimate = ModelFootprint(real_size[size]).activation_bytes(latent_token_count(width, height, frames), items)
+    assert reserved * GIB <= estimate <= 1.25 * reserved * GIB
+    assert estimate <= 1.6 * live * GIB  # conservative, not absurd
+
+
+@pytest.mark.parametrize("world,heads,expected", [(8, 40, (8, 1)), (4, 40, (4, 1)), (8, 12, (4, 2)),
+                                                  (3, 40, (1, 3)), (6, 12, (6, 1)), (5, 12, (1, 5))])
+def test_ulysses_degree_divides_the_heads_and_ring_takes_the_rest(world, heads, expected):
+    ulysses, ring = sequence_parallel_degrees(world, heads)
+    assert (ulysses, ring) == expected
+    assert ulysses * ring == world and heads % ulysses == 0
+
+
+# --- the documented scenarios ----------------------------------------------------------------------
+
+def test_14b_bf16_runs_on_one_80gb_gpu_without_swap(real_size):
+    gpus = inventory(80)
+    config = plan_parallelism(real_size["14B"], gpus)
+    assert config["parallelism_type"] == "none" and config["gpu_ids"] == [0]
+    assert config["blocks_to_swap"] == 0 and config["blocks_per_gpu"] is None
+    assert_fits(config, gpus)
+    footprint = ModelFootprint(real_size["14B"])
+    assert config["estimated_memory_per_gpu"][0] > footprint.weight_bytes  # weights plus activations
+    assert set(config) == set(PLAN_KEYS)
+    json.dumps(config)  # a plain dict the loader (and a workflow file) can hold
+
+
+def test_14b_bf16_on_24gb_swaps_the_fewest_blocks_that_fit(real_size):
+    gpus = inventory(24)
+    config = plan_parallelism(real_size["14B"], gpus)
+    swap = config["blocks_to_swap"]
+    assert config["parallelism_type"] == "none" and 0 < swap < 40
+    footprint = ModelFootprint(real_size["14B"])
+    activation = footprint.activation_bytes(latent_token_count(832, 480, 81), 2)
+    available = usable_memory(gpus[0])
+    assert estimate_single_gpu_bytes(footprint, activation, swap) <= available
+    assert estimate_single_gpu_bytes(footprint, activation, swap - 1) > available
+    # Independently: the resident blocks, two blocks in flight and the rest fit; one more block would not.
+    block = meta_bytes(build_meta_model(real_size["14B"].config).blocks[0])
+    fixed = footprint.weight_bytes - 40 * block + activation + plan.RUNTIME_RESERVE_BYTES
+    assert fixed + (40 - swap + 2) * block <= available < fixed + (40 - swap + 3) * block
+    assert config["estimated_memory_per_gpu"] == [estimate_single_gpu_bytes(footprint, activation, swap)]
+    assert "fp8" in config["reason"]
+
+
+def test_two_24gb_gpus_split_14b_blocks_and_swap_less_than_one_gpu(real_size):
+    gpus = inventory(24, 24)
+    config = plan_parallelism(real_size["14B"], gpus)
+    assert config["parallelism_type"] == "block_distribution" and config["gpu_ids"] == [0, 1]
+    assert sum(config["blocks_per_gpu"]) == 40 and min(config["blocks_per_gpu"]) > 0
+    assert_fits(config, gpus)
+    single = plan_parallelism(real_size["14B"], gpus[:1])
+    assert config["blocks_to_swap"] < single["blocks_to_swap"]
+    assert config["blocks_to_swap"] == sum(config["blocks_to_swap_per_gpu"] or [0])
+    footprint = ModelFootprint(real_size["14B"])
+    activation = footprint.activation_bytes(latent_token_count(832, 480, 81), 2)
+    assert config["estimated_memory_per_gpu"] == estimate_block_distribution_bytes(
+        footprint, activation, config["blocks_per_gpu"], config["blocks_to_swap_per_gpu"])
+
+
+def test_two_24gb_gpus_run_1_3b_in_parallel(real_size):
+    gpus = inventory(24, 24)
+    with_cfg = plan_parallelism(real_size["1.3B"], gpus)
+    assert with_cfg["parallelism_type"] == "data_parallel" and with_cfg["gpu_ids"] == [0, 1]
+    assert_fits(with_cfg, gpus)
+    without_cfg = plan_parallelism(real_size["1.3B"], gpus, cfg=False)  # one item: split the tokens instead
+    assert without_cfg["parallelism_type"] == "distributed"
+    assert (without_cfg["ulysses_degree"], without_cfg["ring_degree"], without_cfg["cfg_degree"]) == (2, 1, 1)
+    assert_fits(without_cfg, gpus)
+
+
+def test_uneven_gpus_get_blocks_in_proportion_to_their_free_memory(real_size):
+    gpus = inventory(24, 12)
+    workload = dict(width=832, height=480, num_frames=17, cfg=False)  # a short clip: both GPUs can help
+    config = plan_parallelism(real_size["14B"], gpus, **workload)
+    assert config["parallelism_type"] == "block_distribution" and config["blocks_to_swap"] == 0
+    blocks = config["blocks_per_gpu"]
+    assert sum(blocks) == 40 and blocks[0] > blocks[1] > 0
+    assert_fits(config, gpus)
+    footprint = ModelFootprint(real_size["14B"])
+    activation = footprint.activation_bytes(latent_token_count(832, 480, 17), 1)
+    capacity = [usable_memory(gpus[0]) - activation - plan.RUNTIME_RESERVE_BYTES - footprint.embedding_bytes,
+                usable_memory(gpus[1]) - activation - plan.RUNTIME_RESERVE_BYTES - footprint.head_bytes]
+    for count, share in zip(blocks, capacity):
+        assert abs(count - 40 * share / sum(capacity)) <= 1
+
+
+def test_a_gpu_too_small_for_a_block_is_left_out(real_size):
+    gpus = inventory(24, 12)  # 480p, 81 frames with CFG: the activations alone nearly fill 12 GB
+    config = plan_parallelism(real_size["14B"], gpus)
+    assert config["gpu_ids"] == [0] and config["blocks_to_swap"] > 0
+    assert "GPU 1 cannot take part" in config["reason"]
+    assert_fits(config, gpus)
+
+
+def test_four_16gb_gpus(real_size):
+    gpus = inventory(16, 16, 16, 16)
+    bf16 = plan_parallelism(real_size["14B"], gpus)
+    assert bf16["parallelism_type"] == "block_distribution" and bf16["blocks_to_swap"] > 0
+    assert sum(bf16["blocks_per_gpu"]) == 40
+    assert_fits(bf16, gpus)
+    fp8 = plan_parallelism(real_size["14B"], gpus, quantization="fp8_e4m3fn")
+    assert fp8["parallelism_type"] == "block_distribution" and fp8["blocks_to_swap"] == 0
+    assert fp8["quantization"] == "fp8_e4m3fn"
+    assert_fits(fp8, gpus)
+    small = plan_parallelism(real_size["1.3B"], gpus)  # 2 items on 4 GPUs: CFG groups x 2-way Ulysses
+    assert small["parallelism_type"] == "distributed"
+    assert (small["cfg_degree"], small["ulysses_degree"], small["ring_degree"]) == (2, 2, 1)
+    assert_fits(small, gpus)
+
+
+def test_eight_80gb_gpus_run_14b_distributed(real_size):
+    gpus = inventory(*[80] * 8)
+    config = plan_parallelism(real_size["14B"], gpus)
+    assert config["parallelism_type"] == "distributed" and config["gpu_ids"] == list(range(8))
+    degrees = config["cfg_degree"] * config["ulysses_degree"] * config["ring_degree"]
+    assert degrees == 8 and 40 % config["ulysses_degree"] == 0
+    assert (config["cfg_degree"], config["ulysses_degree"]) == (2, 4)
+    assert_fits(config, gpus)
+    no_cfg = plan_parallelism(real_size["14B"], gpus, cfg=False)
+    assert (no_cfg["cfg_degree"], no_cfg["ulysses_degree"], no_cfg["ring_degree"]) == (1, 8, 1)
+    small = plan_parallelism(real_size["1.3B"], gpus, cfg=False)  # 12 heads: Ulysses 4, ring 2
+    assert (small["ulysses_degree"], small["ring_degree"]) == (4, 2)
+    assert "ring attention" in small["reason"]
+
+
+def test_eight_gpus_with_eight_items_use_data_parallel(real_size):
+    config = plan_parallelism(real_size["14B"], inventory(*[80] * 8), batch_size=4)
+    assert config["parallelism_type"] == "data_parallel" and len(config["gpu_ids"]) == 8
+
+
+def test_too_few_tokens_to_split_keep_one_gpu(real_size):
+    config = plan_parallelism(real_size["1.3B"], inventory(24, 24), width=256, height=256, num_frames=17, cfg=False)
+    assert config["parallelism_type"] == "none" and len(config["gpu_ids"]) == 1
+    assert "too few to split" in config["reason"]
+
+
+def test_sequence_parallel_uses_only_as_many_gpus_as_the_tokens_justify(real_size):
+    # 512x512, 33 frames = 9 * 32 * 32 = 9216 tokens: 4 shards of at least 2048 tokens, not 8.
+    config = plan_parallelism(real_size["1.3B"], inventory(*[80] * 8), width=512, height=512, num_frames=33, cfg=False)
+    assert config["parallelism_type"] == "distributed"
+    assert config["ulysses_degree"] * config["ring_degree"] == 4 and len(config["gpu_ids"]) == 4
+    assert "idle" in config["reason"]
+
+
+def test_gpus_without_peer_access_are_named_in_the_reason(real_size):
+    config = plan_parallelism(real_size["14B"], inventory(*[80] * 8, peers=False))
+    assert config["parallelism_type"] == "distributed" and "host memory" in config["reason"]
+
+
+def test_no_gpu_plans_for_the_cpu(real_size):
+    config = plan_parallelism(real_size["14B"], [])
+    assert config["parallelism_type"] == "none" and config["gpu_ids"] == []
+    assert "CPU" in config["reason"] and config["estimated_memory_per_gpu"] == []
+
+
+def test_too_large_even_with_every_block_swapped_says_so(real_size):
+    config = plan_parallelism(real_size["14B"], inventory(8), width=1280, height=720)
+    assert config["blocks_to_swap"] == 40 and "run out of memory" in config["reason"]
+
+
+def test_bad_arguments_name_the_value(real_size):
+    with pytest.raises(ValueError, match="width=0"):
+        plan_parallelism(real_size["1.3B"], inventory(24), width=0)
+    with pytest.raises(ValueError, match="fp64"):
+        plan_parallelism(real_size["1.3B"], inventory(24), base_precision="fp64")
+    with pytest.raises(ValueError, match="int4"):
+        plan_parallelism(real_size["1.3B"], inventory(24), quantization="int4")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        plan_parallelism(real_size["1.3B"], inventory(24), batch_size=0)
+    with pytest.raises(ValueError, match="free_memory"):
+        plan_parallelism(real_size["1.3B"], [dict(index=0, total_memory=GIB)])
+
+
+def test_every_plan_fits_its_gpus_over_many_inventories(real_size):
+    """Whatever the planner picks, its own estimates fit the GPUs it names, and blocks add up."""
+    for size in SIZES:
+        for gpus in (inventory(12), inventory(24, 12, 8), inventory(48, 48, 48), inventory(*[40] * 6),
+                     inventory(16, 80)):
+            for cfg in (True, False):
+                config = plan_parallelism(real_size[size], gpus, cfg=cfg)
+                if "run out of memory" not in config["reason"]:
+                    assert_fits(config, gpus)
+                if config["blocks_per_gpu"] is not None:
+                    assert sum(config["blocks_per_gpu"]) == real_size[size].num_layers
+                world = config["cfg_degree"] * config["ulysses_degree"] * config["ring_degree"]
+                if config["parallelism_type"] == "distributed":
+                    assert world == len(config["gpu_ids"]) >= 2
+                assert math.isfinite(sum(config["estimated_memory_per_gpu"]))

@@ -1,0 +1,414 @@
+"""Who goes where: checkpoint sizes x GPU memory -> a parallelism plan.
+
+`plan_parallelism(info, gpus, ...)` reads nothing but the CheckpointInfo (the safetensors header) and
+an inventory of GPUs (dicts with index, free_memory, total_memory; see multi_gpu_utils.get_gpu_info)
+and returns a plain dict the loader accepts as is, with a `reason` that says why.
+
+Memory model, per GPU, in bytes (every figure is in the plan's `estimated_memory_per_gpu`):
+
+    weights      the bytes of the blocks placed there (CheckpointInfo.bytes_at) + embeddings on the
+                 first GPU + the head on the last;
+    swap buffers SWAP_BUFFER_BLOCKS blocks in flight when blocks are swapped from CPU memory;
+    activations  items x tokens x elements per token x bytes of the compute dtype, where
+                   tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+                   items  = batch_size x 2 with CFG (cond and uncond run as one batch), else batch_size
+                   elements per token = ALLOCATOR_SLACK x max(SELF_ATTENTION_PEAK_DIMS x dim,
+                                                             FFN_PEAK_DIMS x dim + 2 x ffn_dim)
+                 The two terms are the two peaks of a block: in self-attention the residual stream,
+                 the modulated input, q, k, v, the float32 RoPE temporaries (2 elements each) and the
+                 attention output; in the FFN the residual stream, its input and output and the hidden
+                 layer before and after GELU. Flash / memory-efficient attention adds only float32
+                 statistics per head and token (ATTENTION_STATS_BYTES). ALLOCATOR_SLACK covers what
+                 PyTorch's caching allocator reserves beyond the live tensors;
+                 sequence parallel divides the tokens by ulysses x ring and the items by cfg_degree,
+                 and adds SEQUENCE_PARALLEL_BUFFER_DIMS x dim elements per local token for the
+                 all-to-all / ring send and receive buffers;
+    runtime      RUNTIME_RESERVE_BYTES for the CUDA context, cuBLAS workspaces and allocator slack.
+
+A GPU offers its free memory less FREE_MEMORY_MARGIN of its total (other programs grow, the
+allocator fragments).
+
+Calibration (one bf16 forward of the real architecture with random weights, H100, PyTorch 2.11, SDPA
+flash attention; GiB above the weights, live peak / reserved by the allocator):
+    1.3B 480p 81 frames, 1 item: 1.52 / 2.03     14B 480p 81 frames, 1 item: 2.96 / 4.38
+    1.3B 480p 81 frames, 2 items: 2.96 / 3.79    14B 480p 81 frames, 2 items: 5.90 / 8.56
+    1.3B 720p 81 frames, 2 items: 6.82 / 8.41    14B 720p 81 frames, 1 item: 6.82 / 9.76
+                                                 14B 720p 81 frames, 2 items: 13.60 / 18.68
+The estimate is 1.01-1.16x the reserved figure and 1.4-1.5x the live peak.
+"""
+import logging
+import math
+
+from ..checkpoint import BASE_DTYPES
+from ..quantization import QUANTIZATION_MODES
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+RUNTIME_RESERVE_BYTES = 1 * GIB
+FREE_MEMORY_MARGIN = 0.05
+SWAP_BUFFER_BLOCKS = 2            # the block being computed and the one being prefetched
+SELF_ATTENTION_PEAK_DIMS = 10     # live elements per token in self-attention, in units of dim
+FFN_PEAK_DIMS = 5                 # live elements per token in the FFN besides its 2 x ffn_dim hidden layer
+ALLOCATOR_SLACK = 1.35            # reserved / live peak of the caching allocator: 1.23 to 1.48 measured
+ATTENTION_STATS_BYTES = 4         # float32 log-sum-exp per head and token (flash attention)
+SEQUENCE_PARALLEL_BUFFER_DIMS = 4
+MIN_TOKENS_PER_SEQUENCE_SHARD = 2048   # below this the all-to-all costs more than the split saves
+VAE_STRIDE = (4, 8, 8)            # Wan VAE: 4x in time (first frame kept), 8x in height and width
+
+PLAN_KEYS = ("parallelism_type", "gpu_ids", "base_precision", "quantization", "blocks_to_swap",
+             "blocks_to_swap_per_gpu", "blocks_per_gpu", "ulysses_degree", "ring_degree", "cfg_degree",
+             "estimated_memory_per_gpu", "reason")
+
+
+def gib(num_bytes):
+    return f"{num_bytes / GIB:.1f} GiB"
+
+
+def latent_token_count(width, height, num_frames, patch_size=(1, 2, 2)):
+    """Tokens of one video: ((frames - 1) // 4 + 1) * (height // 16) * (width // 16) for Wan 2.1."""
+    for name, value, minimum in (("width", width, 16), ("height", height, 16), ("num_frames", num_frames, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name}={value!r} is not valid: give an integer of at least {minimum}.")
+    latent_frames = (num_frames - 1) // VAE_STRIDE[0] + 1
+    pf, ph, pw = patch_size
+    return (latent_frames // pf) * (height // VAE_STRIDE[1] // ph) * (width // VAE_STRIDE[2] // pw)
+
+
+class ModelFootprint:
+    """Sizes of one model in one precision: what the planner places.
+
+    block_bytes: one transformer block; embedding_bytes: patch/text/time embeddings and img_emb
+    (they go with the first block); head_bytes: the output head (goes with the last block).
+    """
+
+    def __init__(self, info, base_precision="bf16", quantization="disabled"):
+        if base_precision not in BASE_DTYPES:
+            raise ValueError(f"base_precision {base_precision!r} is not one of {', '.join(BASE_DTYPES)}.")
+        if quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATION_MODES)}.")
+        config = info.config
+        self.base_precision, self.quantization = base_precision, quantization
+        self.compute_bytes = BASE_DTYPES[base_precision].itemsize
+        self.block_bytes, outside_blocks = info.bytes_at(BASE_DTYPES[base_precision], quantization)
+        self.num_layers, self.dim, self.ffn_dim = config["num_layers"], config["dim"], config["ffn_dim"]
+        self.num_heads, self.text_len = config["num_heads"], config.get("text_len", 512)
+        head_elements = (config["dim"] * math.prod(config["patch_size"]) * config["out_dim"]
+                         + math.prod(config["patch_size"]) * config["out_dim"] + 2 * config["dim"])
+        self.head_bytes = head_elements * self.compute_bytes
+        self.embedding_bytes = outside_blocks - self.head_bytes
+        self.description = f"Wan 2.1 {info.model_type} {info.size_name}"
+
+    @property
+    def weight_bytes(self):
+        return self.num_layers * self.block_bytes + self.embedding_bytes + self.head_bytes
+
+    def activation_bytes(self, tokens, items, sequence_shards=1):
+        """Peak activation bytes of one forward of `items` videos of `tokens` tokens on one GPU,
+        with the tokens split over `sequence_shards` GPUs."""
+        local_tokens = math.ceil(tokens / sequence_shards)
+        elements = max(SELF_ATTENTION_PEAK_DIMS * self.dim, FFN_PEAK_DIMS * self.dim + 2 * self.ffn_dim)
+        if sequence_shards > 1:
+            elements += SEQUENCE_PARALLEL_BUFFER_DIMS * self.dim
+        per_item = local_tokens * (ALLOCATOR_SLACK * elements * self.compute_bytes
+                                   + self.num_heads * ATTENTION_STATS_BYTES)
+        per_item += 4 * self.text_len * self.dim * self.compute_bytes  # text context, its k and v per block
+        return int(items * per_item)
+
+
+def usable_memory(gpu):
+    """Bytes the planner may fill on this GPU: free memory less a margin of its total."""
+    return int(gpu["free_memory"] - FREE_MEMORY_MARGIN * gpu["total_memory"])
+
+
+def estimate_single_gpu_bytes(footprint, activation_bytes, blocks_to_swap=0):
+    """Peak bytes on one GPU holding the whole model with `blocks_to_swap` blocks kept in CPU memory."""
+    resident = footprint.num_layers - blocks_to_swap
+    in_flight = min(blocks_to_swap, SWAP_BUFFER_BLOCKS)
+    return (footprint.embedding_bytes + footprint.head_bytes + (resident + in_flight) * footprint.block_bytes
+            + activation_bytes + RUNTIME_RESERVE_BYTES)
+
+
+def estimate_block_distribution_bytes(footprint, activation_bytes, blocks_per_gpu, blocks_to_swap_per_gpu=None):
+    """Peak bytes per GPU when the blocks are split into contiguous ranges (embeddings on the first
+    GPU, head on the last), each GPU swapping `blocks_to_swap_per_gpu[i]` of its blocks."""
+    swaps = blocks_to_swap_per_gpu or [0] * len(blocks_per_gpu)
+    last = len(blocks_per_gpu) - 1
+    return [(blocks - swap + min(swap, SWAP_BUFFER_BLOCKS)) * footprint.block_bytes + activation_bytes
+            + RUNTIME_RESERVE_BYTES + (footprint.embedding_bytes if i == 0 else 0)
+            + (footprint.head_bytes if i == last else 0)
+            for i, (blocks, swap) in enumerate(zip(blocks_per_gpu, swaps))]
+
+
+def minimal_blocks_to_swap(footprint, activation_bytes, available_bytes):
+    """Fewest blocks to keep in CPU memory so one GPU of `available_bytes` runs the model; None if
+    even swapping every block is not enough."""
+    for blocks_to_swap in range(footprint.num_layers + 1):
+        if estimate_single_gpu_bytes(footprint, activation_bytes, blocks_to_swap) <= available_bytes:
+            return blocks_to_swap
+    return None
+
+
+def sequence_parallel_degrees(world_size, num_heads):
+    """(ulysses, ring) with ulysses x ring = world_size; Ulysses splits heads, so its degree must
+    divide num_heads: take the largest such divisor and leave the rest to ring attention."""
+    ulysses = max(d for d in range(1, world_size + 1) if world_size % d == 0 and num_heads % d == 0)
+    return ulysses, world_size // ulysses
+
+
+def _check_inventory(gpus):
+    for gpu in gpus:
+        missing = [k for k in ("index", "free_memory", "total_memory") if k not in gpu]
+        if missing:
+            raise ValueError(f"GPU entry {gpu!r} lacks {', '.join(missing)}; pass dicts as returned by "
+                             "multi_gpu_utils.get_gpu_info().")
+
+
+def _plan(footprint, parallelism_type, gpus, estimates, reason, blocks_to_swap=0, blocks_to_swap_per_gpu=None,
+          blocks_per_gpu=None, ulysses=1, ring=1, cfg_degree=1):
+    return dict(parallelism_type=parallelism_type, gpu_ids=[int(g["index"]) for g in gpus],
+                base_precision=footprint.base_precision, quantization=footprint.quantization,
+                blocks_to_swap=int(blocks_to_swap), blocks_to_swap_per_gpu=blocks_to_swap_per_gpu,
+                blocks_per_gpu=blocks_per_gpu, ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg_degree,
+                estimated_memory_per_gpu=[int(e) for e in estimates], reason=reason)
+
+
+class _Workload:
+    def __init__(self, footprint, width, height, num_frames, cfg, batch_size):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not valid: give an integer of at least 1.")
+        self.tokens = latent_token_count(width, height, num_frames)
+        self.items = batch_size * (2 if cfg else 1)
+        self.cfg, self.batch_size = cfg, batch_size
+        self.full_activation = footprint.activation_bytes(self.tokens, self.items)
+        self.text = (f"{self.items} item{'s' if self.items > 1 else ''} "
+                     f"({'cond + uncond' if cfg else 'no CFG'}{f' x batch {batch_size}' if batch_size > 1 else ''})"
+                     f" x {self.tokens} tokens ({width}x{height}, {num_frames} frames)")
+
+
+def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_precision="bf16",
+                     quantization="disabled", cfg=True, batch_size=1):
+    """CheckpointInfo + GPU inventory -> plan dict (see PLAN_KEYS and the module docstring).
+
+    Order of preference: replicas that split the work (data parallel, sequence parallel) when the
+    model fits each of two or more GPUs; else one GPU when it fits one; else block distribution
+    over the GPUs (with swap if even their sum is too small); else one GPU with block swap.
+    """
+    footprint = ModelFootprint(info, base_precision, quantization)
+    work = _Workload(footprint, width, height, num_frames, cfg, batch_size)
+    _check_inventory(gpus)
+    need = (f"{footprint.description} in {base_precision}"
+            f"{' with ' + quantization + ' blocks' if quantization != 'disabled' else ''} needs "
+            f"{gib(footprint.weight_bytes)} of weights and {gib(work.full_activation)} of activations for "
+            f"{work.text}")
+    if not gpus:
+        return _plan(footprint, "none", [], [], f"No CUDA GPU was found, so the model runs on the CPU ({need}; "
+                     "expect minutes per step). Install the NVIDIA driver and a CUDA build of PyTorch, or check "
+                     "CUDA_VISIBLE_DEVICES, to use a GPU.")
+    single_bytes = estimate_single_gpu_bytes(footprint, work.full_activation)
+    fitting = sorted((g for g in gpus if single_bytes <= usable_memory(g)), key=usable_memory, reverse=True)
+
+    if len(gpus) >= 2:
+        replicated = _plan_replicated(footprint, work, gpus, need)
+        if replicated is not None:
+            return replicated
+    if fitting:
+        best = fitting[0]
+        why_single = ""
+        if len(gpus) >= 2:
+            why_single = (" The other GPUs would not speed this up: " +
+                          ("the model fits only this one, and block distribution runs the blocks one GPU after "
+                           "another, no faster than one GPU." if len(fitting) == 1 else
+                           f"there is a single item and only {work.tokens} tokens, too few to split across GPUs "
+                           f"(at least {2 * MIN_TOKENS_PER_SEQUENCE_SHARD} are needed)."))
+        return _plan(footprint, "none", [best], [single_bytes],
+                     f"{need}: {gib(single_bytes)} in all, which fits GPU {best['index']} "
+                     f"({gib(usable_memory(best))} usable), so it runs there without block swap.{why_single}")
+    if len(gpus) >= 2:
+        distributed = _plan_block_distribution(footprint, work, gpus, need)
+        if distributed is not None:
+            return distributed
+    best = max(gpus, key=usable_memory)
+    others = [g["index"] for g in gpus if g is not best]
+    note = (f" GPU{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} cannot take part: block "
+            "distribution needs room for at least one block next to the activations on each GPU."
+            if others else "")
+    return _plan_swap(footprint, work, best, need, note)
+
+
+def _fp8_hint(footprint):
+    if footprint.quantization != "disabled":
+        return ""
+    return " fp8 quantization (fp8_e4m3fn) halves the block weights and would need less swapping."
+
+
+def _plan_swap(footprint, work, gpu, need, note=""):
+    available = usable_memory(gpu)
+    swap = minimal_blocks_to_swap(footprint, work.full_activation, available)
+    if swap is None:
+        estimate = estimate_single_gpu_bytes(footprint, work.full_activation, footprint.num_layers)
+        return _plan(footprint, "none", [gpu], [estimate], blocks_to_swap=footprint.num_layers,
+                     reason=f"{need}; even with all {footprint.num_layers} blocks swapped to CPU memory GPU "
+                            f"{gpu['index']} would need {gib(estimate)} but has {gib(available)} usable: it will "
+                            "most likely run out of memory. Lower the resolution or the number of frames, turn CFG "
+                            "batching off, or use fp8 quantization." + note)
+    estimate = estimate_single_gpu_bytes(footprint, work.full_activation, swap)
+    return _plan(footprint, "none", [gpu], [estimate], blocks_to_swap=swap,
+                 reason=f"{need}, more than GPU {gpu['index']} offers ({gib(available)} usable). Keeping {swap} of "
+                        f"{footprint.num_layers} blocks in CPU memory and streaming them in during each step "
+                        f"brings it to {gib(estimate)}; each swapped block is copied over PCIe every step, so fewer "
+                        f"is faster.{_fp8_hint(footprint)}{note}")
+
+
+def _allocate_proportionally(total, capacities, limits):
+    """Split `total` blocks in proportion to `capacities` (bytes), no GPU above its `limits` entry;
+    the remainder goes, block by block, to the GPU with the most capacity per block it would hold."""
+    share = sum(capacities)
+    counts = [min(limit, int(total * c / share)) for c, limit in zip(capacities, limits)]
+    while sum(counts) < total:
+        open_gpus = [i for i in range(len(counts)) if counts[i] < limits[i]]
+        pick = max(open_gpus, key=lambda i: capacities[i] / (counts[i] + 1))
+        counts[pick] += 1
+    return counts
+
+
+def _plan_block_distribution(footprint, work, gpus, need):
+    """Contiguous block ranges in proportion to each GPU's memory after its fixed costs (GPUs that
+    cannot hold a block are left out). If even the sum is too small, every GPU but the largest
+    keeps as many blocks as it holds and the largest takes the rest with block swap: one GPU paying
+    the swap buffers swaps the fewest blocks."""
+    candidates = list(gpus)
+    while len(candidates) >= 2:
+        last = len(candidates) - 1
+        capacities = [usable_memory(g) - work.full_activation - RUNTIME_RESERVE_BYTES
+                      - (footprint.embedding_bytes if i == 0 else 0) - (footprint.head_bytes if i == last else 0)
+                      for i, g in enumerate(candidates)]
+        resident_limits = [max(0, c // footprint.block_bytes) for c in capacities]
+        if sum(resident_limits) >= footprint.num_layers:
+            blocks = _allocate_proportionally(footprint.num_layers, capacities, resident_limits)
+            swaps = [0] * len(blocks)
+        else:
+            swapper = max(range(len(candidates)), key=lambda i: capacities[i])
+            if resident_limits[swapper] < SWAP_BUFFER_BLOCKS:
+                return None  # not even room for the blocks in flight
+            blocks = list(resident_limits)
+            blocks[swapper] = footprint.num_layers - (sum(resident_limits) - resident_limits[swapper])
+            swaps = [0] * len(blocks)
+            swaps[swapper] = blocks[swapper] - max(0, resident_limits[swapper] - SWAP_BUFFER_BLOCKS)
+        if 0 in blocks:  # a GPU too small for a block only adds a hop: leave it out and plan again
+            candidates = [g for g, b in zip(candidates, blocks) if b > 0]
+            continue
+        estimates = estimate_block_distribution_bytes(footprint, work.full_activation, blocks, swaps)
+        ranges, start = [], 0
+        for g, b in zip(candidates, blocks):
+            ranges.append(f"GPU {g['index']}: blocks {start}-{start + b - 1}")
+            start += b
+        left_out = [g["index"] for g in gpus if g not in candidates]
+        swap_text = (f" Together they are still too small, so {sum(swaps)} blocks of GPU "
+                     f"{candidates[swaps.index(max(swaps))]['index']} stay in CPU memory and are streamed in each "
+                     f"step.{_fp8_hint(footprint)}" if sum(swaps) else " No block swap is needed.")
+        return _plan(footprint, "block_distribution", candidates, estimates, blocks_to_swap=sum(swaps),
+                     blocks_to_swap_per_gpu=swaps if sum(swaps) else None, blocks_per_gpu=blocks,
+                     reason=f"{need}: too much for any single GPU, so the {footprint.num_layers} blocks are split in "
+                            f"contiguous ranges in proportion to each GPU's free memory after its activations "
+                            f"({'; '.join(ranges)}); embeddings sit on the first GPU and the head on the last. "
+                            f"The GPUs take turns, so a step takes about as long as on one GPU that held it all."
+                            f"{swap_text}"
+                            + (f" GPUs {left_out} are left out: too little free memory for a block next to the "
+                               f"activations." if left_out else ""))
+    return None
+
+
+def _plan_replicated(footprint, work, gpus, need):
+    """Data parallel or sequence parallel over GPUs that each hold the whole model, or None.
+
+    Data parallel (one process, one replica per GPU, the items split) costs no communication inside
+    a step, so it wins when there are at least as many items as GPUs and they divide evenly. With
+    more GPUs than items, sequence parallelism (worker processes; CFG branches on cfg_degree groups,
+    the tokens split by Ulysses x ring inside each) uses more of them and cuts per-step time nearly
+    linearly, as long as each GPU keeps at least MIN_TOKENS_PER_SEQUENCE_SHARD tokens.
+    """
+    by_memory = sorted(gpus, key=usable_memory, reverse=True)
+    weights_and_reserve = estimate_single_gpu_bytes(footprint, 0)
+
+    def replicas_that_fit(activation):
+        return [g for g in by_memory if weights_and_reserve + activation <= usable_memory(g)]
+
+    data_parallel = None
+    for num_gpus in range(min(len(gpus), work.items), 1, -1):
+        items_per_gpu = math.ceil(work.items / num_gpus)
+        activation = footprint.activation_bytes(work.tokens, items_per_gpu)
+        fit = replicas_that_fit(activation)
+        if len(fit) >= num_gpus:
+            data_parallel = (sorted(fit[:num_gpus], key=lambda g: g["index"]), items_per_gpu,
+                             weights_and_reserve + activation)
+            break
+    if data_parallel and len(data_parallel[0]) == len(gpus) and work.items % len(gpus) == 0:
+        return _data_parallel_plan(footprint, work, gpus, need, *data_parallel)
+
+    # Sequence parallel: the largest world the memory and the token count allow; on a tie, CFG
+    # parallel first (it needs no communication inside the step).
+    best = None
+    for cfg_degree in ((2, 1) if work.cfg and work.items % 2 == 0 else (1,)):
+        max_shards = min(len(gpus) // cfg_degree, work.tokens // MIN_TOKENS_PER_SEQUENCE_SHARD)
+        for shards in range(max_shards, 1, -1):
+            activation = footprint.activation_bytes(work.tokens, work.items // cfg_degree, shards)
+            fit = replicas_that_fit(activation)
+            if len(fit) >= cfg_degree * shards:
+                if best is None or cfg_degree * shards > best[0] * best[1]:
+                    best = (cfg_degree, shards, fit[:cfg_degree * shards], weights_and_reserve + activation)
+                break
+    if best and (data_parallel is None or best[0] * best[1] > len(data_parallel[0])):
+        return _distributed_plan(footprint, work, gpus, need, *best)
+    if data_parallel:
+        return _data_parallel_plan(footprint, work, gpus, need, *data_parallel)
+    return None
+
+
+def _data_parallel_plan(footprint, work, gpus, need, chosen, items_per_gpu, estimate):
+    idle = len(gpus) - len(chosen)
+    uneven = work.items % len(chosen) != 0
+    return _plan(footprint, "data_parallel", chosen, [estimate] * len(chosen),
+                 f"{need}. The model fits each GPU ({gib(estimate)} with {items_per_gpu} item"
+                 f"{'s' if items_per_gpu > 1 else ''} per GPU), so each of the {len(chosen)} GPUs holds a replica "
+                 f"and runs its share of the {work.items} items: "
+                 + (f"about {len(chosen)}x faster per step" if not uneven else
+                    f"about {work.items / items_per_gpu:.1f}x faster per step (the items do not divide evenly)")
+                 + ", with no communication inside the step and no worker processes."
+                 + (f" {idle} GPU{'s stay' if idle > 1 else ' stays'} idle: the {work.tokens} tokens are too few, "
+                    f"or the memory too small, to split the tokens as well (sequence parallelism wants at least "
+                    f"{MIN_TOKENS_PER_SEQUENCE_SHARD} tokens per GPU)." if idle else ""))
+
+
+def _distributed_plan(footprint, work, gpus, need, cfg_degree, shards, chosen, estimate):
+    chosen = sorted(chosen, key=lambda g: g["index"])
+    world = cfg_degree * shards
+    ulysses, ring = sequence_parallel_degrees(shards, footprint.num_heads)
+    split = []
+    if cfg_degree > 1:
+        split.append("the cond and uncond branches on 2 groups of GPUs (cfg_degree 2)")
+    heads_note = (f"{ulysses} divides the {footprint.num_heads} heads" if ring == 1 else
+                  f"Ulysses {ulysses} is the largest divisor of {shards} that divides the {footprint.num_heads} "
+                  f"heads; ring attention takes the remaining factor {ring}")
+    split.append(f"the {work.tokens} tokens over {shards} GPUs (ulysses {ulysses} x ring {ring}: {heads_note})")
+    idle = len(gpus) - world
+    return _plan(footprint, "distributed", chosen, [estimate] * world, ulysses=ulysses, ring=ring,
+                 cfg_degree=cfg_degree,
+                 reason=f"{need}. The model fits each GPU ({gib(estimate)} per GPU once split) and there are more "
+                        f"GPUs than items, so {world} worker processes share every step: {' and '.join(split)}. "
+                        f"Per-step time drops nearly linearly with the GPUs, where data parallel could use only "
+                        f"{min(len(gpus), work.items)} of them."
+                        + (f" {idle} GPU{'s stay' if idle > 1 else ' stays'} idle: too little memory, or too few "
+                           f"tokens ({MIN_TOKENS_PER_SEQUENCE_SHARD} per GPU at least), to use more."
+                           if idle else "") + _interconnect_note(chosen))
+
+
+def _interconnect_note(chosen):
+    """A warning when the inventory says the chosen GPUs cannot reach each other directly."""
+    if not all("peers" in g for g in chosen):
+        return ""
+    ids = {g["index"] for g in chosen}
+    if all(ids - {g["index"]} <= set(g["peers"]) for g in chosen):
+        return ""
+    return (" The inventory shows no direct P2P/NVLink path between some of these GPUs, so the exchange goes "
+            "through host memory and the speed-up will be smaller.")

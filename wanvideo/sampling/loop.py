@@ -1,0 +1,164 @@
+"""The denoising loop: noise -> latent video, with classifier-free guidance and a flow solver.
+
+Works on any callable with the official Wan 2.1 signature
+    model(x: list of [C, F, H, W], t: [N], context: list of [L, text_dim], seq_len=None,
+          clip_fea=[N, 257 or 514, 1280] or None, y=list of [C', F, H, W] or None)
+      -> list of N [16, F, H, W] float32 velocities,
+so a plain WanModel and every parallel strategy wrapped around one run through the same loop.
+Latents are in model space (not ComfyUI's normalised LATENT); the node layer converts.
+"""
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .schedulers import NUM_TRAIN_TIMESTEPS, flow_sigmas, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Conditioning", "make_noise", "sample_video"]
+
+
+@dataclass
+class Conditioning:
+    """One guidance branch (positive or negative) for a batch of B videos.
+
+    context:  B text embeddings [L, 4096] (umt5-xxl; L <= 512), a list or a [B, L, 4096] tensor
+    clip_fea: [B, 257 (i2v) or 514 (flf2v), 1280] CLIP image tokens, or None (t2v)
+    y:        [B, 20, F, H, W] i2v mask (4) and image latents (16), or None (t2v)
+    A negative branch without clip_fea / y takes the positive's: Wan 2.1 guides on the text only.
+    """
+    context: List[torch.Tensor]
+    clip_fea: Optional[torch.Tensor] = None
+    y: Optional[torch.Tensor] = None
+
+
+def make_noise(shape, seed, device="cpu"):
+    """Standard normal float32 noise of `shape`, drawn on the CPU from `seed` (as ComfyUI does), so a
+    seed gives the same video on any device; then moved to `device`."""
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
+
+
+def _state_device(model, noise):
+    """Where the latent state lives: the model's device (a `device` attribute, else its first
+    parameter), else the noise's."""
+    device = getattr(model, "device", None)
+    if device is None and isinstance(model, torch.nn.Module):
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
+    return torch.device(device) if device is not None else noise.device
+
+
+def _prepare_branch(cond, name, batch, frame_shape, device, fallback=None):
+    """Validate one branch and move it to `device`; returns (context list, clip_fea, y list or None)."""
+    if not isinstance(cond, Conditioning):
+        raise TypeError(f"{name} must be a Conditioning; got {type(cond).__name__}.")
+    context = list(cond.context)
+    if len(context) != batch:
+        raise ValueError(f"{name}.context has {len(context)} text embeddings for a batch of {batch} videos; "
+                         "give one per video.")
+    clip_fea = cond.clip_fea if cond.clip_fea is not None else (fallback.clip_fea if fallback else None)
+    y = cond.y if cond.y is not None else (fallback.y if fallback else None)
+    if clip_fea is not None and clip_fea.shape[0] != batch:
+        raise ValueError(f"{name}.clip_fea has batch {clip_fea.shape[0]}; the noise has {batch}.")
+    if y is not None and (y.dim() != 5 or y.shape[0] != batch or tuple(y.shape[2:]) != frame_shape):
+        raise ValueError(f"{name}.y has shape {tuple(y.shape)}; it must be [{batch}, C, {', '.join(map(str, frame_shape))}] "
+                         "like the noise (mask and image latents of the same size).")
+    return ([c.to(device) for c in context],
+            None if clip_fea is None else clip_fea.to(device),
+            None if y is None else list(y.to(device, torch.float32)))
+
+
+def _join_branches(branches):
+    """Several branches -> one model batch, in order."""
+    context = [c for branch in branches for c in branch[0]]
+    clip_parts = [branch[1] for branch in branches]
+    y_parts = [branch[2] for branch in branches]
+    if any(p is None for p in clip_parts) != all(p is None for p in clip_parts):
+        raise ValueError("One guidance branch has clip_fea and another has none; give both or neither.")
+    clip_fea = None if clip_parts[0] is None else torch.cat(clip_parts)
+    if any(p is None for p in y_parts) != all(p is None for p in y_parts):
+        raise ValueError("One guidance branch has y and another has none; give both or neither.")
+    y = None if y_parts[0] is None else [item for part in y_parts for item in part]
+    return context, clip_fea, y
+
+
+def _velocity(model, x, sigma, branches, seq_len):
+    """One model call for x [B, 16, F, H, W] under each branch in turn -> [len(branches) * B, 16, F, H, W]."""
+    context, clip_fea, y = _join_branches(branches)
+    copies = len(branches)
+    t = torch.full((copies * x.shape[0],), sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32, device=x.device)
+    out = model(list(x) * copies, t, context, seq_len=seq_len, clip_fea=clip_fea, y=y)
+    return torch.stack([o.to(x.device, torch.float32) for o in out])
+
+
+def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, negative: Optional[Conditioning] = None,
+                 steps=30, cfg=5.0, shift=5.0, scheduler="unipc", denoise=1.0, init_latent=None, batch_cfg=None,
+                 callback=None, check_interrupt=None, progress=True):
+    """Denoise `noise` [B, 16, F, H, W] (model space) into latents [B, 16, F, H, W] float32 on noise.device.
+
+    cfg: guidance scale; the velocity is uncond + cfg * (cond - uncond). At cfg == 1 the negative
+      branch is never evaluated. batch_cfg: evaluate cond and uncond in one call of 2B items
+      (positive first) instead of two calls; default `model.prefers_batched_cfg` (else False).
+    shift, steps, denoise: the schedule, see `flow_sigmas`. denoise < 1 needs `init_latent`
+      [B, 16, F, H, W]; the start is sigma0 * noise + (1 - sigma0) * init_latent.
+    scheduler: 'unipc' (Wan's default), 'euler' or 'dpm++'.
+    callback(step_index, total_steps, x0_prediction [B, 16, F, H, W]) runs after each step;
+    check_interrupt() runs before each step and cancels by raising.
+    """
+    sigmas = flow_sigmas(steps, shift, denoise)  # validates steps, shift and denoise first
+    if noise.dim() != 5:
+        raise ValueError(f"noise must be [B, 16, F, H, W]; got shape {tuple(noise.shape)}.")
+    if not (isinstance(cfg, (int, float)) and math.isfinite(cfg)):
+        raise ValueError(f"cfg must be a finite number; got {cfg!r}.")
+    guided = cfg != 1
+    if guided and negative is None:
+        raise ValueError(f"cfg={cfg} needs a negative Conditioning; pass one, or set cfg to 1.0 to sample "
+                         "without guidance.")
+    if denoise < 1 and init_latent is None:
+        raise ValueError(f"denoise={denoise} needs init_latent (the latents to start from); pass it, or use "
+                         "denoise=1.0 to generate from pure noise.")
+    if init_latent is not None and init_latent.shape != noise.shape:
+        raise ValueError(f"init_latent has shape {tuple(init_latent.shape)}; the noise has {tuple(noise.shape)}.")
+    if batch_cfg is None:
+        batch_cfg = bool(getattr(model, "prefers_batched_cfg", False))
+
+    solver = make_scheduler(scheduler, sigmas)
+    device = _state_device(model, noise)
+    batch, frame_shape = noise.shape[0], tuple(noise.shape[2:])
+    pos = _prepare_branch(positive, "positive", batch, frame_shape, device)
+    neg = _prepare_branch(negative, "negative", batch, frame_shape, device, fallback=positive) if guided else None
+    patch = getattr(model, "patch_size", (1, 2, 2))
+    seq_len = math.prod(n // p for n, p in zip(frame_shape, patch))
+
+    x = noise.to(device, torch.float32)
+    if init_latent is not None:
+        sigma0 = sigmas[0].item()
+        x = sigma0 * x + (1 - sigma0) * init_latent.to(device, torch.float32)
+    logger.debug("Sampling %s: %d steps, cfg %s, shift %s, denoise %s, sigmas %.4f..%.4f on %s", scheduler, steps,
+                 cfg, shift, denoise, sigmas[0].item(), sigmas[-2].item(), device)
+
+    with tqdm(total=steps, disable=not progress, desc=f"Wan {scheduler}") as bar:
+        for i in range(steps):
+            if check_interrupt is not None:
+                check_interrupt()
+            sigma = sigmas[i].item()
+            if not guided:
+                velocity = _velocity(model, x, sigma, [pos], seq_len)
+            elif batch_cfg:
+                cond, uncond = _velocity(model, x, sigma, [pos, neg], seq_len).split(batch)
+                velocity = uncond + cfg * (cond - uncond)
+            else:
+                cond = _velocity(model, x, sigma, [pos], seq_len)
+                uncond = _velocity(model, x, sigma, [neg], seq_len)
+                velocity = uncond + cfg * (cond - uncond)
+            x0 = x - sigma * velocity
+            x = solver.step(velocity, x, i)
+            del velocity
+            if callback is not None:
+                callback(i, steps, x0)
+            bar.update(1)
+    return x.to(noise.device)

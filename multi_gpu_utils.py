@@ -17,7 +17,6 @@ import functools
 import gc
 import json
 import logging
-import math
 import os
 import re
 import statistics
@@ -166,7 +165,7 @@ def _visible_in_torch_order(records, cuda_visible_devices, identities):
                 logger.warning("torch device %d (%s) is not among the GPUs NVML reports; it is left out.",
                                index, identity["uuid"] or identity["pci_bus_id"])
                 continue
-            visible.append(dict(match, index=index))
+            visible.append({"index": index, **match})
         return visible
     if cuda_visible_devices is None:
         chosen, uses_indices = list(records), True
@@ -192,7 +191,7 @@ def _visible_in_torch_order(records, cuda_visible_devices, identities):
         _warn_once("device_order", "This machine mixes GPU models and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA "
                    "may number the GPUs fastest first while NVML (and this inventory) use PCI bus order. Set "
                    "CUDA_DEVICE_ORDER=PCI_BUS_ID before starting Python so both agree.")
-    return [dict(record, index=index) for index, record in enumerate(chosen)]
+    return [{"index": index, **record} for index, record in enumerate(chosen)]
 
 
 def _add_peers(nvml, gpus):
@@ -792,6 +791,9 @@ def _run_config(label, strategy_name, model_path, devices, settings, inputs, tim
         return row, None
     row["devices"] = [str(d) for d in runnable.devices]
     output = None
+    # Inputs wait on the first device, so the timed steps do not include their upload.
+    inputs = {k: [v.to(runnable.devices[0]) for v in value] if isinstance(value, list) else value.to(runnable.devices[0])
+              for k, value in inputs.items()}
     try:
         with torch.inference_mode():
             for step, t in enumerate(timesteps):
@@ -801,7 +803,7 @@ def _run_config(label, strategy_name, model_path, devices, settings, inputs, tim
                             torch.cuda.reset_peak_memory_stats(device)
                 _synchronize(runnable.devices)
                 start = time.perf_counter()
-                output = runnable.run_step(dict(inputs, t=t.repeat(len(inputs["x"]))))
+                output = runnable.run_step(dict(inputs, t=t.repeat(len(inputs["x"])).to(runnable.devices[0])))
                 _synchronize(runnable.devices)
                 if step >= settings.warmup_steps:
                     row["step_seconds"].append(time.perf_counter() - start)

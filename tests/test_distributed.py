@@ -270,10 +270,18 @@ def test_killed_worker_raises_and_the_next_run_starts_a_fresh_group(i2v_two_rank
     assert not set(old_pids) & {p.pid for p in runner._group.processes}
     assert relative_error(out, _reference_velocity(model, x, t, positive, negative, 2.0)) < TOLERANCE
 
+    idle_pids = [p.pid for p in runner._group.processes]
+    os.kill(idle_pids[0], signal.SIGKILL)  # dies between runs: the next run just starts afresh
+    runner._group.processes[0].join(5)
+    out = runner.forward(x, t, positive, negative, cfg=2.0)
+    assert relative_error(out, _reference_velocity(model, x, t, positive, negative, 2.0)) < TOLERANCE
+
     new_pids = [p.pid for p in runner._group.processes]
+    assert not set(new_pids) & set(idle_pids)
     runner.shutdown()  # a start/stop cycle leaves nothing behind
-    assert not any(_alive(pid) for pid in new_pids)
-    assert not {p.pid for p in multiprocessing.active_children()} & set(new_pids + old_pids)
+    all_pids = old_pids + idle_pids + new_pids
+    assert not any(_alive(pid) for pid in all_pids)
+    assert not {p.pid for p in multiprocessing.active_children()} & set(all_pids)
 
 
 def test_dropped_runner_stops_its_workers(tmp_path):
@@ -285,6 +293,44 @@ def test_dropped_runner_stops_its_workers(tmp_path):
     del runner
     gc.collect()
     assert not any(_alive(pid) for pid in pids)
+
+
+HOST_SCRIPT = """
+if __name__ != "__main__":
+    raise SystemExit("a worker re-ran the host's __main__")
+import importlib, importlib.util, os, sys, torch
+# Loaded as ComfyUI loads a custom node: by file location, its folder not on sys.path.
+spec = importlib.util.spec_from_file_location("Custom-Node", os.path.join(sys.argv[1], "Custom-Node", "__init__.py"))
+sys.modules["Custom-Node"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules["Custom-Node"])
+distributed = importlib.import_module("Custom-Node.wanvideo.parallel.distributed")
+loop = importlib.import_module("Custom-Node.wanvideo.sampling.loop")
+checkpoint = importlib.import_module("Custom-Node.wanvideo.checkpoint")
+x, t = torch.randn(1, 16, 3, 6, 10), torch.tensor([600.0])
+positive = loop.Conditioning([torch.randn(7, 32)])
+with distributed.DistributedWanRunner(sys.argv[2], [torch.device("cpu")] * 2, base_precision="fp32") as runner:
+    out = runner.forward(x, t, positive, degrees=distributed.ParallelDegrees(1, 1, 2))
+with torch.no_grad():
+    expected = checkpoint.load_wan_model(sys.argv[2], "cpu", "fp32")(list(x), t, positive.context)[0]
+print("relative error", ((out[0] - expected).norm() / expected.norm()).item())
+"""
+
+
+def test_workers_start_inside_a_host_that_imported_the_package_under_another_name(tmp_path):
+    """As in ComfyUI: the package lives under a custom-node name that a fresh process cannot import,
+    and the host's __main__ must not run again in the workers."""
+    host_package = tmp_path / "Custom-Node"
+    host_package.mkdir()
+    (host_package / "__init__.py").write_text("")
+    (host_package / "wanvideo").symlink_to(os.path.join(REPO_ROOT, "wanvideo"))
+    (tmp_path / "host").mkdir()
+    (tmp_path / "host" / "host_main.py").write_text(HOST_SCRIPT)
+    path, _, _ = make_tiny_checkpoint(tmp_path / "t2v.safetensors", "t2v")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(tmp_path / "host" / "host_main.py"), str(tmp_path), str(path)],
+                          env=env, cwd=str(tmp_path / "host"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split("relative error")[-1]) < TOLERANCE
 
 
 # --- torchrun entry point -----------------------------------------------------------------------

@@ -90,8 +90,13 @@ class CheckpointInfo:
 
     def summary(self):
         return (f"Wan 2.1 {self.model_type} {self.size_name} (dim {self.config['dim']}, {self.num_layers} blocks, "
-                f"{self.num_parameters / 1e9:.2f}B parameters, {self.parameter_bytes / 2**30:.2f} GiB as stored in "
+                f"{_count(self.num_parameters)} parameters, {self.parameter_bytes / 2**20:,.1f} MiB as stored in "
                 f"{str(self.stored_dtype).replace('torch.', '')})")
+
+
+def _count(n):
+    """1.42e9 -> '1.42B', 6.1e5 -> '0.61M'."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _refuse_non_safetensors(path):
@@ -217,7 +222,7 @@ def inspect_checkpoint(path):
             block_bytes[int(k.split(".")[1])] += nbytes[k]
     stored = [dtypes[prefix + k] for k in weight_keys if k.startswith("blocks.0.") and k.endswith("q.weight")]
     num_parameters = sum(numel.values())
-    size_name = {1536: "1.3B", 5120: "14B"}.get(dim, f"{num_parameters / 1e9:.2g}B")
+    size_name = {1536: "1.3B", 5120: "14B"}.get(dim, _count(num_parameters))
     return CheckpointInfo(
         path=path, prefix=prefix, model_type=model_type, size_name=size_name, config=config,
         stored_dtype=SAFETENSORS_DTYPES[stored[0]], num_parameters=num_parameters,
@@ -258,14 +263,35 @@ def build_meta_model(config, quantization="disabled"):
     return model
 
 
+class DeviceOutOfMemoryError(MemoryError):
+    """Loading ran out of memory on `device` (strategies drop that device and plan again)."""
+
+    def __init__(self, message, device):
+        super().__init__(message)
+        self.device = device
+
+
+def _device_for(key, device, device_map):
+    """The device of parameter `key`: the longest matching module prefix in device_map, else `device`."""
+    if device_map:
+        parts = key.split(".")
+        for end in range(len(parts) - 1, 0, -1):
+            target = device_map.get(".".join(parts[:end]))
+            if target is not None:
+                return torch.device(target)
+    return device
+
+
 def load_wan_model(path, device="cpu", base_precision="bf16", quantization="disabled", attention_mode="sdpa",
-                   info=None):
+                   info=None, device_map=None):
     """Load a Wan 2.1 safetensors file into a WanModel on `device`.
 
     base_precision: 'fp32', 'bf16', 'fp16' (or a torch.dtype); quantization: 'disabled',
     'fp8_e4m3fn' or 'fp8_e5m2' (fp8 storage of the block Linear weights). Files stored in fp8, with
     or without per-tensor scales, load in either mode: dequantized when quantization is disabled.
-    On any failure nothing stays allocated on the device.
+    device_map: optional {module name: device} placing those modules elsewhere (e.g.
+    {"blocks.20": "cuda:1", "head": "cuda:1"}); every tensor goes from the file straight there.
+    On any failure nothing stays allocated on any device.
     """
     if quantization not in QUANTIZATION_MODES:
         raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATION_MODES)}.")
@@ -277,37 +303,38 @@ def load_wan_model(path, device="cpu", base_precision="bf16", quantization="disa
     fp8_modules = {name for name, m in model.named_modules() if hasattr(m, "scale_weight")}
     key_set = set(info.keys)
 
-    state = {}
+    state, target = {}, device
     try:
         with _open(path) as f:
             for key in model.state_dict().keys():
                 module_name = key.rpartition(".")[0]
                 if key.endswith(".scale_weight"):
                     continue  # filled together with its weight
+                target = _device_for(key, device, device_map)
                 tensor = f.get_tensor(info.prefix + key)
                 scale_key = module_name + ".scale_weight"
                 scale = f.get_tensor(info.prefix + scale_key).float() if scale_key in key_set else None
                 if module_name in fp8_modules and key.endswith(".weight"):
-                    state[key], state[scale_key] = _to_fp8(tensor, scale, fp8_dtype, device)
+                    state[key], state[scale_key] = _to_fp8(tensor, scale, fp8_dtype, target)
                 else:
                     if scale is not None and key.endswith(".weight"):  # fp8 file, high-precision model
                         tensor = tensor.to(torch.float32) * scale
-                    state[key] = tensor.to(device=device, dtype=dtype)
+                    state[key] = tensor.to(device=target, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
     except torch.OutOfMemoryError as error:
         state.clear()
-        _release(device)
-        raise MemoryError(f"Out of memory on {device} while loading {info.summary()}. Use fp8 quantization, "
-                          "block swap, or several GPUs.") from error
+        _release()
+        raise DeviceOutOfMemoryError(f"Out of memory on {target} while loading {info.summary()}. Use fp8 "
+                                     "quantization, block swap, or several GPUs.", target) from error
     except BaseException:
         state.clear()
-        _release(device)
+        _release()
         raise
     model.set_attention_backend(attention_mode)
     model.eval().requires_grad_(False)
     model.checkpoint_info = info
-    logger.info("Loaded %s on %s in %s%s", info.summary(), device, str(dtype).replace("torch.", ""),
-                f" with {quantization} block weights" if quantization != "disabled" else "")
+    logger.info("Loaded %s on %s in %s%s", info.summary(), device if not device_map else "several devices",
+                str(dtype).replace("torch.", ""), f" with {quantization} block weights" if quantization != "disabled" else "")
     return model
 
 
@@ -322,6 +349,6 @@ def _to_fp8(tensor, scale, fp8_dtype, device):
     return weight, new_scale.to(torch.float32)
 
 
-def _release(device):
-    if device.type == "cuda":
+def _release():
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()

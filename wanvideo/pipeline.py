@@ -86,12 +86,13 @@ class WanPipeline:
         return "\n".join(lines)
 
 
-def load_model(path, device, settings: LoadSettings, info=None):
-    """Load the weights with LoRAs merged and fp8 applied, on `device` (no strategy yet).
-    Nothing stays on the device if any step fails."""
+def load_model(path, device, settings: LoadSettings, info=None, device_map=None):
+    """Load the weights with LoRAs merged and fp8 applied, on `device` (or by `device_map`, see
+    load_wan_model); no strategy yet. Nothing stays on any device if a step fails."""
     info = info or inspect_checkpoint(path)
     model = load_wan_model(path, device=device, base_precision=settings.base_precision,
-                           quantization=settings.quantization, attention_mode=settings.attention_mode, info=info)
+                           quantization=settings.quantization, attention_mode=settings.attention_mode, info=info,
+                           device_map=device_map)
     try:
         if settings.loras:
             from .lora import apply_loras

@@ -1,9 +1,27 @@
-"""Parallel strategies, applied to a plain WanModel from outside."""
+"""Parallel strategies, applied to a plain WanModel from outside.
+
+    none                one device (optionally with block swap, offload.py)
+    data_parallel       a replica per device, batch split across them (data_parallel.py)
+    block_distribution  contiguous block ranges per device, branches pipelined (block_distribution.py)
+    distributed         a worker process per GPU: sequence and CFG parallelism (distributed/)
+
+`load_parallel_pipeline` is the one entry point the Multi-GPU loader node and the example use:
+it validates the devices, plans, loads and applies the strategy, dropping a device that is not
+usable or runs out of memory (with a warning that names it) and planning again on the rest.
+"""
+import copy
 import logging
 
 import torch
 
+from .block_distribution import blocks_per_device_by_memory, distribute_model_blocks
+
 logger = logging.getLogger(__name__)
+
+__all__ = ["get_available_gpus", "setup_multi_gpu_parallelism", "distribute_model_blocks", "load_parallel_pipeline",
+           "resolve_devices"]
+
+STRATEGIES = ("none", "data_parallel", "block_distribution", "distributed")
 
 
 def get_available_gpus():
@@ -11,9 +29,235 @@ def get_available_gpus():
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
-def setup_multi_gpu_parallelism(model, *args, **kwargs):
-    raise NotImplementedError("multi-GPU strategies are not built yet")
+def resolve_devices(gpu_ids=None, devices=None):
+    """GPU ids ("0,1", [0, 1], None = all) -> CUDA devices, dropping ids that are not usable GPUs with
+    a warning. `devices` (a list of torch.device, CPU allowed) bypasses the GPU lookup (tests, CPU runs)."""
+    if devices is not None:
+        return [torch.device(d) for d in devices]
+    from multi_gpu_utils import parse_gpu_ids
+    available = get_available_gpus()
+    ids = available if gpu_ids in (None, "", []) else parse_gpu_ids(gpu_ids)
+    usable = [i for i in ids if i in available]
+    dropped = [i for i in ids if i not in available]
+    if dropped:
+        logger.warning("GPU ids %s are not usable GPUs here (this process sees %s); continuing without them.",
+                       dropped, available or "none")
+    if not usable:
+        raise RuntimeError(f"None of the GPUs {ids} is usable (this process sees {available or 'no GPU'}). Check "
+                           "gpu_ids and CUDA_VISIBLE_DEVICES, or use parallelism_type 'none' on the CPU.")
+    return [torch.device("cuda", i) for i in usable]
 
 
-def distribute_model_blocks(model, *args, **kwargs):
-    raise NotImplementedError("block distribution is not built yet")
+def _free_bytes(device):
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
+
+
+def _load_replica(path, device, settings, info):
+    """One full copy of the model on `device` (tests inject failures here)."""
+    from ..pipeline import load_model
+    return load_model(path, device, settings, info)[0]
+
+
+def _load_distributed(path, device_map, settings, info):
+    """The model with its modules placed by `device_map` (tests inject failures here)."""
+    from ..pipeline import load_model
+    return load_model(path, device_map[""], settings, info, device_map=device_map)[0]
+
+
+def _drop(devices, failed, error):
+    remaining = [d for d in devices if d != failed]
+    logger.warning("Dropped %s: %s. Planning again on %s.", failed, error, remaining or "no device")
+    return remaining
+
+
+def _build_data_parallel(path, devices, settings, info):
+    from .data_parallel import DataParallelWan
+    while devices:
+        replicas_by_device = {}
+        try:
+            for device in dict.fromkeys(devices):  # one load per distinct device
+                replicas_by_device[device] = _load_replica(path, device, settings, info)
+        except MemoryError as error:
+            failed = getattr(error, "device", None) or device
+            replicas_by_device.clear()
+            _release_memory()
+            devices = _drop(devices, failed, error)
+            continue
+        wrapper = DataParallelWan([replicas_by_device[d] for d in devices], devices)
+        return wrapper, wrapper.describe(), wrapper.close
+    raise MemoryError(f"{info.summary()} fits none of the GPUs for data parallelism. Use block_distribution, "
+                      "fp8 quantization or block swap.")
+
+
+def _capacities(devices, info, settings, reserve_bytes):
+    """Bytes each device can give to blocks (free memory less the activation reserve), or equal
+    shares for devices without memory figures (CPU)."""
+    from ..checkpoint import resolve_dtype
+    block_bytes, _ = info.bytes_at(resolve_dtype(settings.base_precision), settings.quantization)
+    capacities = []
+    for device in devices:
+        free = _free_bytes(device)
+        capacities.append(1 if free is None else (free - reserve_bytes) // block_bytes)
+    return capacities
+
+
+def _build_block_distribution(path, devices, settings, info, blocks_per_gpu=None, blocks_to_swap_per_gpu=None,
+                              pipeline=True, reserve_bytes=0):
+    while devices:
+        counts = blocks_per_gpu
+        if counts is None or len(counts) != len(devices):
+            capacities = _capacities(devices, info, settings, reserve_bytes)
+            usable = [d for d, c in zip(devices, capacities) if c >= 1]
+            if len(usable) < len(devices):
+                for d, c in zip(devices, capacities):
+                    if c < 1:
+                        logger.warning("Dropped %s: too little free memory for even one block next to the "
+                                       "activations.", d)
+                devices = usable
+                continue
+            counts = blocks_per_device_by_memory(info.num_layers, capacities)
+        swaps = blocks_to_swap_per_gpu if blocks_to_swap_per_gpu and len(blocks_to_swap_per_gpu) == len(devices) \
+            else [0] * len(devices)
+        device_map, start = {"": devices[0], "head": devices[-1]}, 0
+        for device, count, swap in zip(devices, counts, swaps):
+            for index in range(start, start + count):
+                device_map[f"blocks.{index}"] = "cpu" if index - start < swap else device
+            start += count
+        try:
+            model = _load_distributed(path, device_map, settings, info)
+            distribution = distribute_model_blocks(model, devices, counts, pipeline=pipeline,
+                                                   blocks_to_swap_per_device=swaps if any(swaps) else None,
+                                                   swap_settings=settings.block_swap)
+        except MemoryError as error:
+            failed = getattr(error, "device", None) or devices[-1]
+            model = None
+            _release_memory()
+            devices = _drop(devices, torch.device(failed), error)
+            blocks_per_gpu = None
+            if len(devices) == 0:
+                break
+            continue
+        return model, distribution.describe(), distribution.remove
+    raise MemoryError(f"{info.summary()} does not fit the GPUs even split by blocks. Use fp8 quantization or "
+                      "block swap.")
+
+
+def _release_memory():
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, width=832, height=480, num_frames=81,
+                           devices=None, blocks_per_gpu=None, blocks_to_swap_per_gpu=None, pipeline_branches=True,
+                           enable_block_distribution=True, distributed_degrees=None):
+    """Load `path` and apply a strategy -> WanPipeline (see wanvideo.pipeline).
+
+    parallelism_type: 'auto' (multi_gpu_utils.setup_optimal_parallelism), 'none', 'data_parallel',
+    'block_distribution' or 'distributed'. gpu_ids: "0,1", [0, 1] or None for all; devices: explicit
+    torch devices instead (CPU devices run every strategy, for tests). enable_block_distribution:
+    let 'data_parallel' fall back to block distribution when the model fits no single device.
+    """
+    from ..checkpoint import inspect_checkpoint
+    from ..pipeline import LoadSettings, WanPipeline, load_pipeline
+    settings = settings or LoadSettings()
+    info = inspect_checkpoint(path)
+    devices = resolve_devices(gpu_ids, devices)
+    if parallelism_type == "auto":
+        from multi_gpu_utils import get_gpu_info, setup_optimal_parallelism
+        inventory = [g for g in get_gpu_info() if torch.device("cuda", g["index"]) in devices]
+        plan = setup_optimal_parallelism(path, gpus=inventory, width=width, height=height, num_frames=num_frames,
+                                         base_precision=settings.base_precision, quantization=settings.quantization)
+        logger.info("auto: %s", plan["reason"])
+        return load_parallel_pipeline(
+            path, plan["parallelism_type"], settings=_with_swap(settings, plan.get("blocks_to_swap", 0)),
+            devices=[torch.device("cuda", i) for i in plan["gpu_ids"]] or [torch.device("cpu")],
+            blocks_per_gpu=plan.get("blocks_per_gpu"), blocks_to_swap_per_gpu=plan.get("blocks_to_swap_per_gpu"),
+            distributed_degrees=(plan.get("ulysses_degree"), plan.get("ring_degree"), plan.get("cfg_degree")))
+    if parallelism_type not in STRATEGIES:
+        raise ValueError(f"parallelism_type {parallelism_type!r} is not one of 'auto', {', '.join(STRATEGIES)}.")
+    if parallelism_type == "none" or (len(devices) == 1 and parallelism_type != "distributed"):
+        if parallelism_type != "none":
+            logger.warning("%s with one device (%s) is the plain single-device model.", parallelism_type, devices[0])
+        return load_pipeline(path, devices[0], settings)
+    if parallelism_type == "distributed":
+        from .distributed import load_distributed_pipeline
+        return load_distributed_pipeline(path, devices, settings, degrees=distributed_degrees)
+
+    reserve = _activation_reserve(info, settings, width, height, num_frames)
+    if parallelism_type == "data_parallel":
+        try:
+            model, placement, cleanup = _build_data_parallel(path, devices, settings, info)
+        except MemoryError as error:
+            if not enable_block_distribution:
+                raise
+            logger.warning("%s Falling back to block distribution over %s.", error, devices)
+            model, placement, cleanup = _build_block_distribution(path, devices, settings, info,
+                                                                  pipeline=pipeline_branches, reserve_bytes=reserve)
+    else:
+        model, placement, cleanup = _build_block_distribution(path, devices, settings, info, blocks_per_gpu,
+                                                              blocks_to_swap_per_gpu, pipeline_branches, reserve)
+    main = getattr(model, "device", None) or devices[0]
+    pipeline = WanPipeline(model, info, main, settings, placement=placement)
+    pipeline.add_cleanup(cleanup)
+    if not isinstance(model, torch.nn.Module):
+        model.prefers_batched_cfg = True
+    else:
+        model.prefers_batched_cfg = pipeline_branches  # cond and uncond as micro-batches of one forward
+    return pipeline
+
+
+def _with_swap(settings, blocks_to_swap):
+    from dataclasses import replace
+    from .offload import BlockSwapSettings
+    if not blocks_to_swap or (settings.block_swap and settings.block_swap.blocks_to_swap):
+        return settings
+    return replace(settings, block_swap=BlockSwapSettings(blocks_to_swap=blocks_to_swap))
+
+
+def _activation_reserve(info, settings, width, height, num_frames):
+    """Bytes each device keeps free for activations (plan.py's estimate, two branches)."""
+    try:
+        from .plan import ModelFootprint, _Workload
+        footprint = ModelFootprint(info, settings.base_precision, settings.quantization)
+        return _Workload(footprint, width, height, num_frames, True, 1).full_activation
+    except Exception as error:  # the estimate is advisory; capacities then use all free memory
+        logger.debug("No activation estimate: %s", error)
+        return 0
+
+
+def setup_multi_gpu_parallelism(model, parallelism_type=None, gpu_ids=None, enable_block_distribution=None,
+                                devices=None, blocks_per_gpu=None):
+    """Apply a strategy to an already loaded `model` (on the CPU or one device) and return a callable
+    with the official forward signature. Defaults come from the model's own arguments
+    (WanModel(parallelism_type=..., gpu_ids=..., enable_block_distribution=...)).
+
+    'data_parallel' copies the model to each device; 'block_distribution' moves block ranges in place.
+    'distributed' needs the checkpoint file (each worker loads its own weights): use
+    load_parallel_pipeline(path, 'distributed', ...) or the Multi-GPU loader node.
+    """
+    parallelism_type = parallelism_type or model.parallelism_type
+    gpu_ids = gpu_ids if gpu_ids is not None else model.gpu_ids
+    enable = model.enable_block_distribution if enable_block_distribution is None else enable_block_distribution
+    if parallelism_type == "none":
+        return model
+    devices = resolve_devices(gpu_ids, devices)
+    if parallelism_type == "data_parallel":
+        from .data_parallel import DataParallelWan
+        replicas = {device: copy.deepcopy(model).to(device) for device in dict.fromkeys(devices[1:])
+                    if device != devices[0]}  # copied before the original moves
+        replicas[devices[0]] = model.to(devices[0])
+        return DataParallelWan([replicas[d] for d in devices], devices)
+    if parallelism_type == "block_distribution" or enable:
+        distribute_model_blocks(model, devices, blocks_per_gpu)
+        model.prefers_batched_cfg = True
+        return model
+    if parallelism_type == "distributed":
+        raise ValueError("The distributed strategy runs one worker process per GPU, each loading its own weights "
+                         "from the checkpoint file: use load_parallel_pipeline(path, 'distributed', gpu_ids) or "
+                         "the WanVideo Multi-GPU Loader node.")
+    raise ValueError(f"parallelism_type {parallelism_type!r} is not one of {', '.join(STRATEGIES)}.")

@@ -47,13 +47,14 @@ logger = logging.getLogger(__name__)
 GIB = 2**30
 RUNTIME_RESERVE_BYTES = 1 * GIB
 FREE_MEMORY_MARGIN = 0.05
-SWAP_BUFFER_BLOCKS = 2            # the block being computed and the one being prefetched
+SWAP_BUFFER_BLOCKS = 2            # offload's ring at prefetch_blocks=1: the block running, the one uploading
 SELF_ATTENTION_PEAK_DIMS = 10     # live elements per token in self-attention, in units of dim
 FFN_PEAK_DIMS = 5                 # live elements per token in the FFN besides its 2 x ffn_dim hidden layer
 ALLOCATOR_SLACK = 1.35            # reserved / live peak of the caching allocator: 1.23 to 1.48 measured
 ATTENTION_STATS_BYTES = 4         # float32 log-sum-exp per head and token (flash attention)
 SEQUENCE_PARALLEL_BUFFER_DIMS = 4
-MIN_TOKENS_PER_SEQUENCE_SHARD = 2048   # below this the all-to-all costs more than the split saves
+MIN_TOKENS_PER_SEQUENCE_SHARD = 2048   # heuristic (not yet measured): smaller shards leave each layer's
+                                       # exchange a large share of its compute
 VAE_STRIDE = (4, 8, 8)            # Wan VAE: 4x in time (first frame kept), 8x in height and width
 
 PLAN_KEYS = ("parallelism_type", "gpu_ids", "base_precision", "quantization", "blocks_to_swap",
@@ -203,7 +204,7 @@ def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_prec
             f"{work.text}")
     if not gpus:
         return _plan(footprint, "none", [], [], f"No CUDA GPU was found, so the model runs on the CPU ({need}; "
-                     "expect minutes per step). Install the NVIDIA driver and a CUDA build of PyTorch, or check "
+                     "many times slower than a GPU). Install the NVIDIA driver and a CUDA build of PyTorch, or check "
                      "CUDA_VISIBLE_DEVICES, to use a GPU.")
     single_bytes = estimate_single_gpu_bytes(footprint, work.full_activation)
     fitting = sorted((g for g in gpus if single_bytes <= usable_memory(g)), key=usable_memory, reverse=True)
@@ -230,8 +231,10 @@ def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_prec
             return distributed
     best = max(gpus, key=usable_memory)
     others = [g["index"] for g in gpus if g is not best]
-    note = (f" GPU{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} cannot take part: block "
-            "distribution needs room for at least one block next to the activations on each GPU."
+    plural = len(others) > 1
+    note = (f" GPU{'s' if plural else ''} {', '.join(map(str, others))} cannot take part: next to the activations "
+            f"{'they hold' if plural else 'it holds'} no block, or fewer block bytes than the activation traffic "
+            "block distribution would add each step."
             if others else "")
     return _plan_swap(footprint, work, best, need, note)
 
@@ -291,6 +294,15 @@ def _plan_block_distribution(footprint, work, gpus, need):
             swapper = max(range(len(candidates)), key=lambda i: capacities[i])
             if resident_limits[swapper] < SWAP_BUFFER_BLOCKS:
                 return None  # not even room for the blocks in flight
+            # A GPU spares the PCIe copies of the blocks it holds but adds a hop of the activations,
+            # which crosses PCIe twice without peer-to-peer (GPU -> host -> GPU): worth it only when
+            # its blocks outweigh that.
+            hop_bytes = 2 * work.items * work.tokens * footprint.dim * footprint.compute_bytes
+            not_worth = [g for i, g in enumerate(candidates)
+                         if i != swapper and resident_limits[i] * footprint.block_bytes <= hop_bytes]
+            if not_worth:
+                candidates = [g for g in candidates if g not in not_worth]
+                continue
             blocks = list(resident_limits)
             blocks[swapper] = footprint.num_layers - (sum(resident_limits) - resident_limits[swapper])
             swaps = [0] * len(blocks)
@@ -314,8 +326,9 @@ def _plan_block_distribution(footprint, work, gpus, need):
                             f"({'; '.join(ranges)}); embeddings sit on the first GPU and the head on the last. "
                             f"The GPUs take turns, so a step takes about as long as on one GPU that held it all."
                             f"{swap_text}"
-                            + (f" GPUs {left_out} are left out: too little free memory for a block next to the "
-                               f"activations." if left_out else ""))
+                            + (f" GPUs {left_out} are left out: their free memory next to the activations holds "
+                               f"no block, or fewer block bytes than the activation traffic they would add each step."
+                               if left_out else ""))
     return None
 
 

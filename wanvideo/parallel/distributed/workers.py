@@ -3,18 +3,26 @@
 `DistributedWanRunner` spawns one process per listed device (torch.multiprocessing, spawn
 context), joins them with torch.distributed (NCCL on GPUs, gloo on CPU) through a free TCP port on
 127.0.0.1, and lets every worker load its own copy of the weights from the checkpoint file (the
-model never travels through a pipe). Requests go to every worker through its own queue; the
-denoising loop runs inside the workers; rank 0 sends progress and the result back on one queue.
+model never travels through a pipe). Requests go to every worker through its own queue, as
+safetensors bytes (protocol.py); the denoising loop runs inside the workers; rank 0 sends progress
+and the result back on one queue.
+
+A worker imports nothing of the parent but this package, found by its location (spawn_entry.py):
+ComfyUI's main.py (which would start a second ComfyUI) and the custom-node name under which
+ComfyUI imported this package never reach it.
 
 The parent never blocks without a bound: it polls the result queue, checks that every worker is
 alive, calls `check_interrupt`, and gives up after `step_timeout_s` without news. A dead or hung
 worker tears the whole group down (an error says which rank); the next run starts a fresh group.
 Interruption sets a shared event that all ranks check, and agree on, before every step.
 """
+import contextlib
 import logging
 import multiprocessing
 import os
 import queue
+import runpy
+import sys
 import socket
 import time
 import traceback
@@ -28,7 +36,7 @@ import torch.multiprocessing as torch_mp
 from ...checkpoint import inspect_checkpoint
 from ...sampling.loop import Conditioning
 from ...sampling.schedulers import flow_sigmas, make_scheduler
-from .protocol import detached_request
+from .protocol import decode_request, detached_request, encode_request
 from .serving import RunInterrupted, WorkerSession
 from .topology import ParallelDegrees, choose_degrees
 
@@ -59,9 +67,10 @@ def _next_request(request_queue):
                 return None
 
 
-def _worker_main(rank, world_size, init_method, backend, device, load_args, request_queue, message_queue,
-                 stop_event, cpu_threads, collective_timeout_s):
-    """Entry point of one spawned worker (rank). Sends ('ready', rank), then serves requests."""
+def worker_main(rank, world_size, init_method, backend, device, load_args, request_queue, message_queue,
+                stop_event, cpu_threads, collective_timeout_s):
+    """One spawned worker (rank): joins the group, loads the model, sends ('ready', None, rank),
+    then serves encoded requests from request_queue until None arrives."""
     logging.basicConfig(level=logging.INFO, format=f"[wan worker {rank}] %(levelname)s %(name)s: %(message)s")
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
@@ -73,7 +82,8 @@ def _worker_main(rank, world_size, init_method, backend, device, load_args, requ
                                 timeout=timedelta(seconds=collective_timeout_s))
         session = WorkerSession(device=device, **load_args)
         message_queue.put(("ready", None, rank))
-        while (request := _next_request(request_queue)) is not None:
+        while (payload := _next_request(request_queue)) is not None:
+            request = decode_request(payload)
             request_id = request.request_id
 
             def on_step(step, total, x0):
@@ -88,7 +98,9 @@ def _worker_main(rank, world_size, init_method, backend, device, load_args, requ
                     message_queue.put(("interrupted", request_id, None))
                 continue
             if rank == 0:
-                message_queue.put(("result", request_id, result.detach().to("cpu").clone()))
+                to_cpu = lambda t: t.detach().to("cpu").clone()
+                message_queue.put(("result", request_id,
+                                   [to_cpu(t) for t in result] if isinstance(result, list) else to_cpu(result)))
     except BaseException:
         message_queue.put(("error", request_id, (rank, traceback.format_exc())))
         raise SystemExit(1)
@@ -129,6 +141,22 @@ def _stop_processes(processes, request_queues, message_queue, graceful):
         q.cancel_join_thread()  # never block on data nobody will read
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Keep spawn from re-running the parent's __main__ (ComfyUI's main.py) in the workers."""
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__spec__", "__file__") if hasattr(main, name)}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            if hasattr(main, "__file__"):
+                del main.__file__
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
+
+
 class _WorkerGroup:
     """The processes, queues and stop event of one started group."""
 
@@ -140,14 +168,18 @@ class _WorkerGroup:
         self.request_queues = [context.Queue() for _ in devices]
         self.stop_event = context.Event()
         self.processes = []
+        entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawn_entry.py")
         for rank, device in enumerate(devices):
-            process = context.Process(
-                target=_worker_main, name=f"wan-worker-{rank}", daemon=True,
-                args=(rank, len(devices), init_method, backend, device, load_args, self.request_queues[rank],
-                      self.message_queue, self.stop_event, cpu_threads, collective_timeout_s))
-            process.start()
+            worker_args = (rank, len(devices), init_method, backend, device, load_args, self.request_queues[rank],
+                           self.message_queue, self.stop_event, cpu_threads, collective_timeout_s)
+            process = context.Process(target=runpy.run_path, name=f"wan-worker-{rank}", args=(entry,),
+                                      kwargs=dict(init_globals={"WAN_WORKER_ARGS": worker_args},
+                                                  run_name="__wan_worker__"))
+            with _main_module_hidden():
+                process.start()
             self.processes.append(process)
-        # Runs once: on stop(), when the group is garbage collected, or at interpreter exit.
+        # Runs once: on stop(), when the group is garbage collected, or at interpreter exit. (Not daemon
+        # processes: those may not start children, which compilers inside a worker may need.)
         self._finalizer = weakref.finalize(self, _stop_processes, self.processes, self.request_queues,
                                            self.message_queue, True)
 
@@ -190,7 +222,7 @@ class DistributedWanRunner:
       (cfg 2 when guidance is on and the device count is even, then Ulysses, then ring);
     start_timeout_s: bound on process start and weight loading; step_timeout_s: bound on the time
       between two messages from the workers during a run (a step, or the first step);
-    cpu_threads_per_worker: torch threads in each CPU worker (default: the cores shared out).
+    cpu_threads_per_worker: torch CPU threads of each worker (default: the cores shared out).
 
     The group starts on first use, lives across runs and ends with shutdown(), when the runner is
     garbage collected, or at exit. Usable as a context manager.
@@ -209,7 +241,7 @@ class DistributedWanRunner:
                               quantization=quantization, attention_mode=attention_mode)
         self.start_timeout_s, self.step_timeout_s = start_timeout_s, step_timeout_s
         self.collective_timeout_s = collective_timeout_s
-        if cpu_threads_per_worker is None and self.devices[0].type == "cpu":
+        if cpu_threads_per_worker is None:  # share the cores out instead of every worker taking them all
             cpu_threads_per_worker = max(1, (os.cpu_count() or 1) // len(self.devices))
         self.cpu_threads_per_worker = cpu_threads_per_worker
         self._group = None
@@ -354,13 +386,19 @@ class DistributedWanRunner:
         degrees = degrees or self.degrees
         if degrees is not None:
             degrees.check(self.world_size)
+        if self._group is not None and self._group.dead_workers():  # died between runs: nothing is lost
+            logger.warning("A Wan worker exited since the last run (%s); starting a fresh group.",
+                           self._failure_report("idle"))
+            group, self._group = self._group, None
+            group.stop(graceful=False)
         self.start()
         self._request_id += 1
         request = detached_request(request_id=self._request_id, degrees=degrees, **fields)
+        payload = encode_request(request)
         group = self._group
         group.stop_event.clear()
         for request_queue in group.request_queues:
-            request_queue.put(request)
+            request_queue.put(payload)
 
         interruption = None
 
@@ -386,6 +424,8 @@ class DistributedWanRunner:
                 if request_id != request.request_id:
                     continue  # late news of an earlier, interrupted request
                 if kind == "result":  # private copies: the shared memory belongs to the worker
+                    if interruption is not None:  # finished before the stop was seen: still cancelled
+                        raise interruption
                     return [t.clone() for t in payload] if isinstance(payload, list) else payload.clone()
                 if kind == "interrupted":
                     raise interruption or InterruptedError("The Wan workers were interrupted.")

@@ -1,0 +1,190 @@
+"""data_parallel and block_distribution on CPU devices: the same videos as one device, and
+graceful degradation when devices are unusable or run out of memory."""
+import logging
+
+import pytest
+import torch
+
+import wanvideo.parallel as parallel
+from conftest import relative_error
+from wanvideo.checkpoint import DeviceOutOfMemoryError, load_wan_model
+from wanvideo.modules.model import WanModel, distribute_model_blocks, get_available_gpus, setup_multi_gpu_parallelism
+from wanvideo.parallel.block_distribution import PipelinedBlockRunner, blocks_per_device_by_memory
+from wanvideo.pipeline import LoadSettings, load_pipeline
+from wanvideo.sampling import Conditioning, make_noise
+
+CPU = torch.device("cpu")
+SETTINGS = LoadSettings(base_precision="fp32")
+
+
+def conditioning(model_type, batch, frames, seed):
+    g = torch.Generator().manual_seed(seed)
+    clip = torch.randn(batch, 257, 1280, generator=g) if model_type == "i2v" else None
+    y = torch.randn(batch, 20, frames, 4, 6, generator=g) if model_type == "i2v" else None
+    return Conditioning([torch.randn(5 + i, 32, generator=g) for i in range(batch)], clip, y)
+
+
+def generate(pipeline, model_type, batch=1, cfg=4.0):
+    noise = make_noise((batch, 16, 3, 4, 6), seed=11)
+    return pipeline.generate(noise, conditioning(model_type, batch, 3, 1), conditioning(model_type, batch, 3, 2),
+                             steps=3, cfg=cfg, shift=3.0, scheduler="unipc", progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints):
+    """Single-device videos for t2v and i2v, batch 1 and 2."""
+    out = {}
+    for model_type in ("t2v", "i2v"):
+        pipeline = load_pipeline(tiny_checkpoints[model_type][0], CPU, SETTINGS)
+        for batch in (1, 2):
+            out[model_type, batch] = generate(pipeline, model_type, batch)
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["t2v", "i2v"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("strategy, devices, kwargs", [
+    ("data_parallel", [CPU, CPU], {}),
+    ("data_parallel", [CPU, CPU, CPU], {}),
+    ("block_distribution", [CPU, CPU], {}),
+    ("block_distribution", [CPU, CPU, CPU], {"blocks_per_gpu": [2, 1, 1]}),
+    ("block_distribution", [CPU, CPU], {"pipeline_branches": False}),
+    ("block_distribution", [CPU, CPU], {"blocks_per_gpu": [2, 2], "blocks_to_swap_per_gpu": [1, 2]}),
+])
+def test_strategy_matches_single_device(tiny_checkpoints, reference, model_type, batch, strategy, devices, kwargs):
+    pipeline = parallel.load_parallel_pipeline(tiny_checkpoints[model_type][0], strategy, settings=SETTINGS,
+                                               devices=devices, **kwargs)
+    assert relative_error(generate(pipeline, model_type, batch), reference[model_type, batch]) <= 1e-5
+    assert pipeline.model.prefers_batched_cfg is kwargs.get("pipeline_branches", True)
+    description = pipeline.describe()
+    assert ("replica" in description) if strategy == "data_parallel" else ("blocks 0-" in description)
+    pipeline.unload()
+
+
+def test_pipeline_schedule_overlaps_branches():
+    """GPipe order: at tick k stage s runs micro-batch k - s, so two stages work at once."""
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, stage):
+            super().__init__()
+            self.stage = stage
+
+        def forward(self, tokens, ctx):
+            calls.append((self.stage, int(tokens[0, 0, 0])))
+            return tokens
+
+    class Stage:
+        def __init__(self, index):
+            self.device, self.blocks = CPU, [Recorder(index)]
+
+    class Ctx:
+        def select(self, s):
+            return self
+
+        def to(self, *a, **k):
+            return self
+
+    tokens = torch.arange(3.0).view(3, 1, 1)
+    PipelinedBlockRunner([Stage(0), Stage(1)])(None, tokens, Ctx())
+    # tick k: stage 1 takes micro-batch k - 1 while stage 0 takes micro-batch k
+    assert calls == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+
+
+def test_documented_model_arguments_and_functions(tiny_checkpoints):
+    path = tiny_checkpoints["t2v"][0]
+    plain = load_wan_model(path, base_precision="fp32")
+    model = load_wan_model(path, base_precision="fp32")
+    model.parallelism_type, model.gpu_ids = "block_distribution", None
+    with torch.device("meta"):
+        assert WanModel(parallelism_type="data_parallel", gpu_ids=[0, 1]).gpu_ids == [0, 1]
+        with pytest.raises(ValueError, match="'pipeline' is not one of"):
+            WanModel(parallelism_type="pipeline")
+    distributed = setup_multi_gpu_parallelism(model, devices=[CPU, CPU])
+    replicas = setup_multi_gpu_parallelism(load_wan_model(path, base_precision="fp32"), "data_parallel",
+                                           devices=[CPU, CPU])
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = [torch.randn(16, 3, 4, 6, generator=g) for _ in range(2)], torch.tensor([300.0, 800.0]), \
+        [torch.randn(4, 32, generator=g), torch.randn(6, 32, generator=g)]
+    with torch.no_grad():
+        expected = plain(x, t, ctx)
+        for strategy in (distributed, replicas):
+            for out, ref in zip(strategy(x, t, ctx), expected):
+                assert relative_error(out, ref) <= 1e-5
+    assert get_available_gpus() == ([] if not torch.cuda.is_available() else get_available_gpus())
+    with pytest.raises(ValueError, match="load_parallel_pipeline"):
+        setup_multi_gpu_parallelism(plain, "distributed", devices=[CPU])
+    with pytest.raises(ValueError, match="at least one block"):
+        distribute_model_blocks(load_wan_model(path, base_precision="fp32"), [CPU, CPU], [4, 0])
+
+
+def test_blocks_split_in_proportion_to_memory():
+    assert blocks_per_device_by_memory(40, [24, 12]) == [27, 13]
+    assert blocks_per_device_by_memory(40, [16, 16, 16, 16]) == [10, 10, 10, 10]
+    assert sum(blocks_per_device_by_memory(30, [100, 1, 1])) == 30 and min(blocks_per_device_by_memory(30, [100, 1, 1])) == 1
+    with pytest.raises(ValueError, match="at most 4 devices"):
+        blocks_per_device_by_memory(4, [1] * 5)
+
+
+def test_unusable_gpu_ids_are_dropped_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(parallel, "get_available_gpus", lambda: [0, 1])
+    with caplog.at_level(logging.WARNING):
+        assert parallel.resolve_devices("0, 5") == [torch.device("cuda", 0)]
+    assert "GPU ids [5] are not usable" in caplog.text
+    with pytest.raises(RuntimeError, match=r"None of the GPUs \[7\] is usable"):
+        parallel.resolve_devices([7])
+
+
+def test_out_of_memory_replica_is_dropped_and_replanned(tiny_checkpoints, reference, monkeypatch, caplog):
+    real = parallel._load_replica
+    attempts = []
+
+    def flaky(path, device, settings, info):
+        attempts.append(device)
+        if len(attempts) == 1:
+            raise DeviceOutOfMemoryError("Out of memory on cpu:0 (injected)", device)
+        return real(path, device, settings, info)
+
+    monkeypatch.setattr(parallel, "_load_replica", flaky)
+    devices = [torch.device("cpu", 0), torch.device("cpu", 1)]
+    with caplog.at_level(logging.WARNING):
+        pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "data_parallel", settings=SETTINGS,
+                                                   devices=devices)
+    assert "Dropped cpu:0" in caplog.text and pipeline.model.devices == [torch.device("cpu", 1)]
+    assert relative_error(generate(pipeline, "t2v", 2), reference["t2v", 2]) <= 1e-5
+
+
+def test_nothing_fits_gives_a_clear_error(tiny_checkpoints, monkeypatch):
+    def always_oom(path, device_or_map, settings, info):
+        device = device_or_map[""] if isinstance(device_or_map, dict) else device_or_map
+        raise DeviceOutOfMemoryError("Out of memory (injected)", device)
+
+    monkeypatch.setattr(parallel, "_load_replica", always_oom)
+    monkeypatch.setattr(parallel, "_load_distributed", always_oom)
+    with pytest.raises(MemoryError, match="does not fit the GPUs even split by blocks"):
+        parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "data_parallel", settings=SETTINGS,
+                                        devices=[torch.device("cpu", 0), torch.device("cpu", 1)])
+    with pytest.raises(MemoryError, match="fits none of the GPUs"):
+        parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "data_parallel", settings=SETTINGS,
+                                        devices=[torch.device("cpu", 0), torch.device("cpu", 1)],
+                                        enable_block_distribution=False)
+
+
+def test_block_distribution_drops_the_device_that_ran_out(tiny_checkpoints, reference, monkeypatch, caplog):
+    real = parallel._load_distributed
+    attempts = []
+
+    def flaky(path, device_map, settings, info):
+        attempts.append(device_map)
+        if len(attempts) == 1:
+            raise DeviceOutOfMemoryError("Out of memory on cpu:2 (injected)", torch.device("cpu", 2))
+        return real(path, device_map, settings, info)
+
+    monkeypatch.setattr(parallel, "_load_distributed", flaky)
+    devices = [torch.device("cpu", i) for i in range(3)]
+    with caplog.at_level(logging.WARNING):
+        pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "block_distribution",
+                                                   settings=SETTINGS, devices=devices)
+    assert "Dropped cpu:2" in caplog.text
+    assert [s.device for s in pipeline.model.block_runner.stages] == devices[:2]
+    assert relative_error(generate(pipeline, "t2v", 2), reference["t2v", 2]) <= 1e-5

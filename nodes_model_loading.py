@@ -72,6 +72,72 @@ class WanMultiGPUModelLoader:
         return (pipeline,)
 
 
+class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
+    """The standard loader plus a multi-GPU strategy: validates the GPUs, loads, applies the
+    strategy and reports the plan (which blocks on which device, memory per device)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = super().INPUT_TYPES()
+        inputs["required"].update({
+            "parallelism_type": (["auto", "none", "data_parallel", "block_distribution", "distributed"], {
+                "default": "auto", "tooltip": "auto: chosen from the checkpoint and the GPUs' free memory. "
+                                              "data_parallel: a copy per GPU, CFG branches run side by side (speed, "
+                                              "model must fit each GPU). block_distribution: blocks split across GPUs "
+                                              "(memory: models larger than one GPU). distributed: a worker per GPU "
+                                              "splitting the video's tokens (fastest on 2+ GPUs)."}),
+            "gpu_ids": ("STRING", {"default": "0,1", "tooltip": "Comma-separated GPU indices as PyTorch numbers "
+                                                                "them (after CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3."}),
+            "enable_block_distribution": ("BOOLEAN", {
+                "default": True, "tooltip": "Allow splitting blocks across the GPUs when the model fits no single "
+                                            "GPU (data_parallel then falls back to block distribution) and pipeline "
+                                            "CFG branches across the stages."}),
+            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16,
+                              "tooltip": "Planned video width: sizes the activation reserve for 'auto' and the "
+                                         "block split."}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
+                               "tooltip": "Planned video height (activation reserve)."}),
+            "num_frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4,
+                                   "tooltip": "Planned frame count (activation reserve)."}),
+        })
+        return inputs
+
+    RETURN_TYPES = (MODEL_TYPE, "STRING")
+    RETURN_NAMES = ("model", "plan")
+    DESCRIPTION = ("Loads a Wan 2.1 model across several GPUs with the chosen strategy; 'plan' tells which blocks "
+                   "went to which GPU and the memory each holds.")
+
+    def load(self, model, base_precision, quantization, load_device, attention_mode, parallelism_type="auto",
+             gpu_ids="0,1", enable_block_distribution=True, width=832, height=480, num_frames=81, lora=None,
+             block_swap_args=None, compile_args=None):
+        from multi_gpu_utils import validate_gpu_setup
+        from wanvideo.parallel import load_parallel_pipeline
+        path = comfy_host.model_file_path("diffusion_models", model)
+        settings = self.settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora,
+                                             block_swap_args, compile_args)
+        is_valid, message = validate_gpu_setup(gpu_ids)
+        if not is_valid:
+            logger.warning("GPU check: %s Continuing with the GPUs that are usable.", message)
+        comfy_host.free_memory_for_run()
+        pipeline = load_parallel_pipeline(path, parallelism_type, gpu_ids, settings, width=width, height=height,
+                                          num_frames=num_frames, enable_block_distribution=enable_block_distribution,
+                                          pipeline_branches=enable_block_distribution)
+        plan = pipeline.describe() + "\n" + _memory_per_device()
+        logger.info("Multi-GPU plan:\n%s", plan)
+        return (pipeline, plan)
+
+
+def _memory_per_device():
+    import torch
+    if not torch.cuda.is_available():
+        return "no GPU: running on the CPU"
+    lines = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        lines.append(f"cuda:{index}: {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use")
+    return "\n".join(lines)
+
+
 class WanMultiGPUBlockSwap:
     """Block swap settings for the loaders."""
 
@@ -156,12 +222,14 @@ class WanMultiGPUCompileSettings:
 
 NODE_CLASS_MAPPINGS = {
     "WanMultiGPUModelLoader": WanMultiGPUModelLoader,
+    "WanVideoMultiGPULoader": WanVideoMultiGPULoader,
     "WanMultiGPUBlockSwap": WanMultiGPUBlockSwap,
     "WanMultiGPULoraSelect": WanMultiGPULoraSelect,
     "WanMultiGPUCompileSettings": WanMultiGPUCompileSettings,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WanMultiGPUModelLoader": "WanVideo Model Loader (Multi-GPU pack)",
+    "WanVideoMultiGPULoader": "WanVideo Multi-GPU Loader",
     "WanMultiGPUBlockSwap": "WanVideo Block Swap (Multi-GPU pack)",
     "WanMultiGPULoraSelect": "WanVideo LoRA Select (Multi-GPU pack)",
     "WanMultiGPUCompileSettings": "WanVideo Torch Compile (Multi-GPU pack)",

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import comfy_host
 import nodes_sampler
+from conftest import relative_error
 from known_node_ids import COMFY_API_WAN_NODE_IDS, COMFY_CORE_NODE_IDS, WANVIDEOWRAPPER_NODE_IDS
 from wanvideo.latent_format import LATENTS_MEAN, LATENTS_STD, normalize_latents
 from wanvideo.tiny import make_tiny_checkpoint
@@ -191,3 +192,23 @@ def test_video_to_video_needs_a_latent(models_folder):
     # a light denoise stays closer to the input video than a full one
     assert (out["samples"] - raw).norm() < (full["samples"] - raw).norm()
     assert torch.allclose(normalize_latents(raw), normalize_latents(raw))
+
+
+@pytest.mark.parametrize("strategy", ["data_parallel", "block_distribution"])
+def test_multi_gpu_loader_node(models_folder, monkeypatch, strategy):
+    """The documented node on two CPU 'devices' gives the standard loader's video and shows its plan."""
+    import multi_gpu_utils
+    import wanvideo.parallel as parallel
+    monkeypatch.setattr(parallel, "resolve_devices", lambda gpu_ids, devices=None: [torch.device("cpu")] * 2)
+    monkeypatch.setattr(multi_gpu_utils, "validate_gpu_setup", lambda gpu_ids: (True, "ok"))
+    node = PACKAGE.NODE_CLASS_MAPPINGS["WanVideoMultiGPULoader"]()
+    required = node.INPUT_TYPES()["required"]
+    assert required["parallelism_type"][1]["default"] == "auto" and required["gpu_ids"][1]["default"] == "0,1"
+    pipeline, plan = node.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa",
+                               parallelism_type=strategy, gpu_ids="0,1")
+    assert ("replica" in plan) if strategy == "data_parallel" else ("cpu: blocks 0-1" in plan and "head" in plan)
+    sampler = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]()
+    (out,) = sampler.sample(pipeline, text_conditioning(1), text_conditioning(2), 48, 32, 5, steps=3, cfg=5.0,
+                            shift=3.0, seed=7, scheduler="unipc", denoise=1.0)
+    reference, _ = run_workflow("t2v")
+    assert relative_error(out["samples"], reference) <= 1e-5

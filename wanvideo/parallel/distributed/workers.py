@@ -360,22 +360,26 @@ class DistributedWanRunner:
         if isinstance(x, (list, tuple)):
             x = list(x)
             for item in x:
-                self._check_inputs(item[None], positive, negative, channels)
+                self._check_inputs(item[None], positive, negative, channels, batch=len(x))
         else:
             self._check_inputs(x, positive, negative, channels)
         return self._run(dict(kind="forward", noise=x, timestep=torch.as_tensor(timestep, dtype=torch.float32),
                               positive=positive, negative=negative, cfg=cfg), degrees, None, None)
 
-    def _check_inputs(self, x, positive, negative, channels=16):
+    def _check_inputs(self, x, positive, negative, channels=16, batch=None):
         """Errors the workers would hit, raised here so the group survives them."""
         if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != channels:
             raise ValueError(f"The latents must be a [B, {channels}, F, H, W] tensor; got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
+        batch = x.shape[0] if batch is None else batch
+        if positive is None:
+            raise ValueError("positive conditioning is required.")
         for name, cond in (("positive", positive), ("negative", negative)):
             if cond is not None and not isinstance(cond, Conditioning):
                 raise TypeError(f"{name} must be a wanvideo.sampling.loop.Conditioning; got {type(cond).__name__}.")
-        if positive is None:
-            raise ValueError("positive conditioning is required.")
+            if cond is not None and len(cond.context) != batch:
+                raise ValueError(f"{name}.context has {len(cond.context)} text embeddings for a batch of {batch} "
+                                 "videos; give one per video.")
         if self.info.model_type != "t2v" and (positive.clip_fea is None or positive.y is None):
             raise ValueError(f"{self.info.path!r} is a {self.info.model_type} model: positive needs clip_fea (CLIP "
                              "image tokens) and y (mask and image latents).")

@@ -5,14 +5,16 @@ Forward level (inside any process group): `ParallelGroups(degrees)` lays the ran
 `apply_sequence_parallel(model, groups)` makes a plain WanModel shard its tokens, and
 `GuidedVelocityModel` places the cond / uncond branches on the CFG groups.
 Process level: `DistributedWanRunner` starts one worker per device from ComfyUI's process;
-`python -m wanvideo.parallel.distributed.worker` serves the same requests under torchrun.
+`python -m wanvideo.parallel.distributed.worker` serves the same requests under torchrun
+(`TorchrunWanClient` sends them); `python -m wanvideo.parallel.distributed.selfcheck` checks a machine.
 """
 from .attention import SequenceParallelAttention, attention_with_lse, ring_attention
 from .cfg_parallel import GuidedVelocityModel
 from .sequence_parallel import SequenceParallelRunner, apply_sequence_parallel, remove_sequence_parallel
 from .topology import ParallelDegrees, ParallelGroups, choose_degrees
+from .remote import TorchrunWanClient
 from .workers import DistributedWanRunner, WorkerGroupError
 
 __all__ = ["ParallelDegrees", "ParallelGroups", "choose_degrees", "SequenceParallelAttention", "attention_with_lse",
            "ring_attention", "SequenceParallelRunner", "apply_sequence_parallel", "remove_sequence_parallel",
-           "GuidedVelocityModel", "DistributedWanRunner", "WorkerGroupError"]
+           "GuidedVelocityModel", "DistributedWanRunner", "WorkerGroupError", "TorchrunWanClient"]

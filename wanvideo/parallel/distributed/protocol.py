@@ -73,7 +73,8 @@ def detached_request(**kwargs):
 
 def encode_request(request):
     """Request -> safetensors bytes (tensors by name, settings as JSON metadata)."""
-    tensors = {name: getattr(request, name) for name in ("timestep", "init_latent") if getattr(request, name) is not None}
+    tensors = {name: getattr(request, name) for name in ("timestep", "init_latent")
+               if getattr(request, name) is not None}
     settings = {name: getattr(request, name) for name in _SETTINGS}
     settings["noise"] = _put_tensors(tensors, "noise", request.noise)
     settings["degrees"] = None if request.degrees is None else [request.degrees.cfg, request.degrees.ulysses,

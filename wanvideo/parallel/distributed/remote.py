@@ -32,7 +32,8 @@ class TorchrunWanClient:
         while not self.store.check(["ready"]):
             self._raise_worker_error()
             if time.monotonic() - began > connect_timeout_s:
-                raise TimeoutError(f"The Wan workers at {host}:{port} did not finish loading in {connect_timeout_s:.0f} s.")
+                raise TimeoutError(f"The Wan workers at {host}:{port} did not finish loading in "
+                                   f"{connect_timeout_s:.0f} s.")
             time.sleep(POLL_INTERVAL_S)
         self.world_size = int(self.store.get("ready"))
 

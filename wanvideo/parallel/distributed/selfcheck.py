@@ -82,7 +82,8 @@ def main(argv=None):
         path, _, _ = make_tiny_checkpoint(Path(folder) / "wan_tiny_t2v.safetensors", "t2v", dim=96, num_heads=6)
         g = torch.Generator().manual_seed(1)
         x, t = torch.randn(1, 16, 3, 6, 10, generator=g), torch.tensor([700.0])
-        positive, negative = Conditioning([torch.randn(7, 32, generator=g)]), Conditioning([torch.randn(5, 32, generator=g)])
+        positive = Conditioning([torch.randn(7, 32, generator=g)])
+        negative = Conditioning([torch.randn(5, 32, generator=g)])
         model = load_wan_model(path, devices[0], args.precision)
         with torch.no_grad():
             run = lambda c: torch.stack(model(list(x.to(devices[0])), t.to(devices[0]), [u.to(devices[0]) for u in c]))

@@ -73,7 +73,8 @@ def serve(session, store, rank):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="Wan 2.1 .safetensors file (the same path on every machine)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="Wan 2.1 .safetensors file (the same path on every machine)")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--quantization", default="disabled", choices=("disabled", "fp8_e4m3fn", "fp8_e5m2"))
     parser.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash_attn, sageattention")

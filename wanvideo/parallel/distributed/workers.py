@@ -38,7 +38,7 @@ from ...sampling.loop import Conditioning
 from ...sampling.schedulers import flow_sigmas, make_scheduler
 from .protocol import decode_request, detached_request, encode_request
 from .serving import RunInterrupted, WorkerSession
-from .topology import ParallelDegrees, choose_degrees
+from .topology import choose_degrees
 
 logger = logging.getLogger(__name__)
 

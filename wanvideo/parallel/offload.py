@@ -409,9 +409,9 @@ class BlockSwapper:
                                                                   always_call=True))
         for name in self._packed_embeddings:
             module = getattr(self.model, name)
-            self._hook_handles.append(module.register_forward_pre_hook(_compile_safe(self._make_embedding_upload(name))))
-            self._hook_handles.append(module.register_forward_hook(_compile_safe(self._make_embedding_release(name)),
-                                                                   always_call=True))
+            upload, release = self._make_embedding_upload(name), self._make_embedding_release(name)
+            self._hook_handles.append(module.register_forward_pre_hook(_compile_safe(upload)))
+            self._hook_handles.append(module.register_forward_hook(_compile_safe(release), always_call=True))
 
     def _all_packed(self):
         return list(self._packed_blocks.values()) + list(self._packed_embeddings.values())

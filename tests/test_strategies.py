@@ -188,3 +188,20 @@ def test_block_distribution_drops_the_device_that_ran_out(tiny_checkpoints, refe
     assert "Dropped cpu:2" in caplog.text
     assert [s.device for s in pipeline.model.block_runner.stages] == devices[:2]
     assert relative_error(generate(pipeline, "t2v", 2), reference["t2v", 2]) <= 1e-5
+
+
+def test_distributed_through_the_common_entry_point(tiny_checkpoints, reference):
+    """'distributed' from load_parallel_pipeline: two gloo workers sample the single-device video,
+    the group survives between runs, and unload stops it."""
+    import multiprocessing
+    pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "distributed", settings=SETTINGS,
+                                               devices=[CPU, CPU])
+    try:
+        assert "one worker per device" in pipeline.describe()
+        assert relative_error(generate(pipeline, "t2v", 1), reference["t2v", 1]) <= 1e-5
+        assert relative_error(generate(pipeline, "t2v", 2), reference["t2v", 2]) <= 1e-5
+    finally:
+        pipeline.unload()
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("wan-worker")]
+    with pytest.raises(RuntimeError, match="unloaded"):
+        generate(pipeline, "t2v")

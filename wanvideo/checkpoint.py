@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .modules.model import WanModel
-from .quantization import FP8_DTYPES, QUANTIZATION_MODES, replace_linears_with_fp8
+from .quantization import FAST_MODES, FP8_DTYPES, QUANTIZATION_MODES, replace_linears_with_fp8, set_fp8_fast
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,8 @@ def load_wan_model(path, device="cpu", base_precision="bf16", quantization="disa
     """Load a Wan 2.1 safetensors file into a WanModel on `device`.
 
     base_precision: 'fp32', 'bf16', 'fp16' (or a torch.dtype); quantization: 'disabled',
-    'fp8_e4m3fn' or 'fp8_e5m2' (fp8 storage of the block Linear weights). Files stored in fp8, with
+    'fp8_e4m3fn' or 'fp8_e5m2' (fp8 storage of the block Linear weights), or 'fp8_e4m3fn_fast'
+    (also fp8 matmuls through torch._scaled_mm on GPUs of compute capability 8.9+). Files stored in fp8, with
     or without per-tensor scales, load in either mode: dequantized when quantization is disabled.
     device_map: optional {module name: device} placing those modules elsewhere (e.g.
     {"blocks.20": "cuda:1", "head": "cuda:1"}); every tensor goes from the file straight there.
@@ -330,6 +331,8 @@ def load_wan_model(path, device="cpu", base_precision="bf16", quantization="disa
         state.clear()
         _release()
         raise
+    if quantization in FAST_MODES:  # fp8 matmuls where the GPU has them; one warning and the upcast path elsewhere
+        set_fp8_fast(model, True, device)
     model.set_attention_backend(attention_mode)
     model.eval().requires_grad_(False)
     model.checkpoint_info = info

@@ -104,6 +104,8 @@ class _FusedOnCuda:
         self.fn, self.compiled, self.failed = fn, None, os.environ.get("WANVIDEO_FUSED_KERNELS", "1") == "0"
 
     def __call__(self, x, *args):
+        if torch.compiler.is_compiling():  # inside a compiled block: let that compile fuse it
+            return self.fn(x, *args)
         if x.is_cuda and not self.failed:
             try:
                 if self.compiled is None:

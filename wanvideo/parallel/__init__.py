@@ -185,7 +185,7 @@ def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, 
             logger.warning("%s with one device (%s) is the plain single-device model.", parallelism_type, devices[0])
         return load_pipeline(path, devices[0], settings)
     if parallelism_type == "distributed":
-        from .distributed import load_distributed_pipeline
+        from .distributed.pipeline import load_distributed_pipeline
         return load_distributed_pipeline(path, devices, settings, degrees=distributed_degrees)
 
     reserve = _activation_reserve(info, settings, width, height, num_frames)

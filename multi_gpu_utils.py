@@ -730,6 +730,28 @@ def _block_swap(model_path, devices, settings):
     return BenchmarkRunnable(lambda inputs: model(**inputs), devices[:1], release)
 
 
+def _strategy_pipeline(name, model_path, devices, settings):
+    from wanvideo.parallel import load_parallel_pipeline
+    from wanvideo.pipeline import LoadSettings
+    pipeline = load_parallel_pipeline(model_path, name, devices=devices, settings=LoadSettings(
+        base_precision=settings.base_precision, quantization=settings.quantization,
+        attention_mode=settings.attention_mode), width=settings.width, height=settings.height,
+        num_frames=settings.num_frames)
+    return BenchmarkRunnable(lambda inputs: pipeline.model(**inputs), list(dict.fromkeys(devices)), pipeline.unload)
+
+
+@register_benchmark_strategy("data_parallel", min_devices=2)
+def _data_parallel(model_path, devices, settings):
+    """A replica on each device; the batch (cond and uncond) split across them."""
+    return _strategy_pipeline("data_parallel", model_path, devices, settings)
+
+
+@register_benchmark_strategy("block_distribution", min_devices=2)
+def _block_distribution(model_path, devices, settings):
+    """Contiguous block ranges on the devices, cond and uncond pipelined across them."""
+    return _strategy_pipeline("block_distribution", model_path, devices, settings)
+
+
 def make_benchmark_inputs(config, settings):
     """Seeded random inputs for WanModel.forward (CPU tensors) and one timestep per step.
 

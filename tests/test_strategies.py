@@ -205,3 +205,12 @@ def test_distributed_through_the_common_entry_point(tiny_checkpoints, reference)
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("wan-worker")]
     with pytest.raises(RuntimeError, match="unloaded"):
         generate(pipeline, "t2v")
+
+
+def test_benchmark_includes_the_in_process_strategies(tiny_checkpoints):
+    import multi_gpu_utils
+    rows = multi_gpu_utils.benchmark_multi_gpu_performance(
+        tiny_checkpoints["t2v"][0], configs=["single_device", "data_parallel", "block_distribution"],
+        devices=[CPU, CPU], steps=1, width=64, height=64, num_frames=5, base_precision="fp32")
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert all(r["relative_error_vs_single"] <= 1e-5 for r in rows)

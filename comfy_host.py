@@ -77,13 +77,6 @@ def free_memory_for_run():
         model_management.soft_empty_cache()
 
 
-def empty_cache():
-    if IN_COMFYUI:
-        model_management.soft_empty_cache()
-    elif torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class ProgressReporter:
     """ComfyUI's progress bar with latent previews; nothing outside ComfyUI (the loop's tqdm bar shows)."""
 

@@ -941,7 +941,7 @@ def _add_workload_arguments(parser):
     parser.add_argument("--height", type=int, default=480, help="video height in pixels (default 480)")
     parser.add_argument("--frames", type=int, default=81, help="number of frames (default 81)")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="base precision")
-    parser.add_argument("--quantization", default="disabled", choices=("disabled", "fp8_e4m3fn", "fp8_e5m2"),
+    parser.add_argument("--quantization", default="disabled", choices=("disabled", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast"),
                         help="fp8 storage of the block weights")
     parser.add_argument("--batch-size", type=int, default=1, help="videos per step (default 1)")
     parser.add_argument("--no-cfg", action="store_true", help="guidance scale 1: no uncond branch")

@@ -1,6 +1,7 @@
 """Loader nodes: the standard Wan model loader, the Multi-GPU loader that extends it with a
 strategy, and the block swap, LoRA and compile settings that feed both."""
 import logging
+import weakref
 
 import comfy_host
 from nodes_sampler import MODEL_TYPE
@@ -62,14 +63,27 @@ class WanMultiGPUModelLoader:
                             load_device=load_device, loras=list(lora or []), block_swap=block_swap_args,
                             compile_args=compile_args)
 
+    def release_previous(self):
+        """Unload what this node loaded last time: ComfyUI still caches it while the new load runs,
+        and two copies of a 14B model (or two worker groups) rarely fit."""
+        previous = getattr(self, "_previous", None)
+        pipeline = previous() if previous is not None else None
+        if pipeline is not None:
+            pipeline.unload()
+        comfy_host.free_memory_for_run()
+
+    def remember(self, pipeline):
+        self._previous = weakref.ref(pipeline)
+        return pipeline
+
     def load(self, model, base_precision, quantization, load_device, attention_mode, lora=None,
              block_swap_args=None, compile_args=None):
         path = comfy_host.model_file_path("diffusion_models", model)
         settings = self.settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora,
                                              block_swap_args, compile_args)
-        comfy_host.free_memory_for_run()
+        self.release_previous()
         pipeline = load_pipeline(path, comfy_host.main_device(), settings, offload_device=comfy_host.offload_device())
-        return (pipeline,)
+        return (self.remember(pipeline),)
 
 
 class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
@@ -87,7 +101,9 @@ class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
                                               "(memory: models larger than one GPU). distributed: a worker per GPU "
                                               "splitting the video's tokens (fastest on 2+ GPUs)."}),
             "gpu_ids": ("STRING", {"default": "0,1", "tooltip": "Comma-separated GPU indices as PyTorch numbers "
-                                                                "them (after CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3."}),
+                                                                "them (after CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3; "
+                                                                "empty: every GPU. Ids that are not usable GPUs are "
+                                                                "dropped with a warning."}),
             "enable_block_distribution": ("BOOLEAN", {
                 "default": True, "tooltip": "Allow splitting blocks across the GPUs when the model fits no single "
                                             "GPU (data_parallel then falls back to block distribution) and pipeline "
@@ -115,16 +131,18 @@ class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
         path = comfy_host.model_file_path("diffusion_models", model)
         settings = self.settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora,
                                              block_swap_args, compile_args)
-        is_valid, message = validate_gpu_setup(gpu_ids)
+        is_valid, message = validate_gpu_setup(gpu_ids) if gpu_ids.strip() else (True, "")
         if not is_valid:
-            logger.warning("GPU check: %s Continuing with the GPUs that are usable.", message)
-        comfy_host.free_memory_for_run()
+            logger.warning("GPU check: %s", message)
+        if load_device == "offload_device":
+            logger.info("load_device 'offload_device' applies to single-GPU loads; the strategy places the weights.")
+        self.release_previous()
         pipeline = load_parallel_pipeline(path, parallelism_type, gpu_ids, settings, width=width, height=height,
                                           num_frames=num_frames, enable_block_distribution=enable_block_distribution,
                                           pipeline_branches=enable_block_distribution)
         plan = pipeline.describe() + "\n" + _memory_per_device()
         logger.info("Multi-GPU plan:\n%s", plan)
-        return (pipeline, plan)
+        return (self.remember(pipeline), plan)
 
 
 def _memory_per_device():

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import comfy_host
 from wanvideo.latent_format import (LATENT_CHANNELS, SPATIAL_COMPRESSION, denormalize_latents, latent_frame_count,
                                     normalize_latents)
+from wanvideo.modules.model import CLIP_DIM, CLIP_TOKENS
 from wanvideo.sampling import SCHEDULERS, Conditioning, make_noise
 
 logger = logging.getLogger(__name__)
@@ -40,16 +41,20 @@ def _image_condition(extras, batch, frames, height, width):
                              for t in range(image.shape[2])], dim=2)
     image = normalize_latents(image[:, :LATENT_CHANNELS, :frames])
     mask = extras.get("concat_mask")
-    if mask is None:
-        mask = torch.zeros(1, 1, frames, height, width)
-    mask = mask.float()
-    if mask.shape[1] not in (1, MASK_CHANNELS):
-        mask = mask.mean(dim=1, keepdim=True)
-    known = 1.0 - mask
+    if mask is None:  # no mask: no frame is given as known (ComfyUI's WAN21 does the same)
+        known = torch.zeros(1, 1, frames, height, width)
+    else:
+        mask = mask.float()
+        if mask.shape[1] not in (1, MASK_CHANNELS):
+            mask = mask.mean(dim=1, keepdim=True)
+        known = 1.0 - mask
     if tuple(known.shape[-2:]) != (height, width):
         known = F.interpolate(known, size=(known.shape[2], height, width), mode="trilinear")
     known = F.pad(known[:, :, :frames], (0, 0, 0, 0, 0, frames - min(frames, known.shape[2])))
     known = known.expand(-1, MASK_CHANNELS, -1, -1, -1)
+    if known.shape[0] not in (1, image.shape[0]):
+        raise ValueError(f"concat_mask has batch {known.shape[0]} but concat_latent_image has {image.shape[0]}; "
+                         "give one mask, or one per image.")
     y = torch.cat([known.expand(image.shape[0], -1, -1, -1, -1), image], dim=1)
     return y.expand(batch, -1, -1, -1, -1) if y.shape[0] == 1 else y
 
@@ -62,12 +67,20 @@ def comfy_to_conditioning(conditioning, name, model_type, batch, latent_shape):
         return Conditioning(context=context)
     vision = extras.get("clip_vision_output")
     if vision is None:
+        if name == "negative":  # Wan guides on the text: the negative takes the positive's image conditioning
+            return Conditioning(context=context)
         raise ValueError(f"The {model_type} model needs CLIP vision features in {name}: connect CLIPVisionLoader -> "
                          "CLIPVisionEncode to WanImageToVideo's clip_vision_output (or use a text-to-video model).")
     clip_fea = getattr(vision, "penultimate_hidden_states", None)
     if clip_fea is None:
         clip_fea = vision["penultimate_hidden_states"]
     clip_fea = clip_fea.float()
+    expected_tokens = CLIP_TOKENS * (2 if model_type == "flf2v" else 1)
+    if clip_fea.dim() != 3 or clip_fea.shape[1:] != (expected_tokens, CLIP_DIM):
+        raise ValueError(f"{name} has CLIP vision features of shape {tuple(clip_fea.shape)}; the {model_type} model "
+                         f"needs [1, {expected_tokens}, {CLIP_DIM}] (CLIP-H penultimate states"
+                         + (", start and end image: use WanFirstLastFrameToVideo" if model_type == "flf2v" else "")
+                         + "). Load clip_vision_h with CLIPVisionLoader.")
     clip_fea = clip_fea.expand(batch, -1, -1) if clip_fea.shape[0] == 1 else clip_fea
     return Conditioning(context=context, clip_fea=clip_fea, y=_image_condition(extras, batch, *latent_shape))
 
@@ -125,6 +138,11 @@ class WanMultiGPUSampler:
             if raw.dim() != 5 or raw.shape[1] != LATENT_CHANNELS:
                 raise ValueError(f"The latent has shape {tuple(raw.shape)}; Wan 2.1 latents are [B, 16, T, H/8, W/8].")
             shape = tuple(raw.shape)
+            if raw.shape[-1] % 2 or raw.shape[-2] % 2:
+                raise ValueError(f"The latent is {raw.shape[-1] * 8}x{raw.shape[-2] * 8} pixels; Wan needs width and "
+                                 "height that are multiples of 16. Resize the video or the empty latent.")
+            if "noise_mask" in latent:
+                logger.warning("The latent's noise_mask (inpainting) is not supported and is ignored.")
             if denoise < 1.0:
                 if not raw.any():
                     raise ValueError("denoise is below 1 but the connected latent is empty: connect an encoded video "
@@ -147,7 +165,7 @@ class WanMultiGPUSampler:
         result = model.generate(noise, pos, neg, steps=steps, cfg=cfg, shift=shift, scheduler=scheduler,
                                 denoise=denoise, init_latent=init_latent,
                                 callback=progress if progress.active else None,
-                                check_interrupt=comfy_host.check_interrupt, progress=not progress.active)
+                                check_interrupt=comfy_host.check_interrupt, progress=True)
         out = dict(latent) if latent is not None else {}
         out["samples"] = denormalize_latents(result.float().cpu())
         out.pop("noise_mask", None)

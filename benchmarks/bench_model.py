@@ -3,7 +3,7 @@
 Real-size 1.3B and 14B configs with random bf16 weights (initialised on the GPU), 81 frames at
 480p (32,760 tokens) and 720p (75,600 tokens), 512 text tokens, SDPA. Prints a table and writes
 JSON to $OUT (or ./benchmarks/out) as model.json. Run it in the same call as
-`python benchmarks/wan_block_reference.py` (a copy of ../shared/reference) so both come from one card.
+../shared/reference/wan_block_reference.py (copied into a carried folder) so both come from one card.
 
     python benchmarks/bench_model.py [--cases 1.3B_480p,14B_480p,14B_720p] [--no-diffusers]
 """

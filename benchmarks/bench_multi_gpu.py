@@ -86,12 +86,11 @@ def bench_case(size, resolution, strategies, gpu_counts, steps, dry_run, rows):
     for strategy in strategies:
         for count in gpu_counts:
             devices = [device(i) for i in range(count)]
-            kwargs = {}
-            label = strategy
+            name, kwargs = strategy, {}
             if strategy == "block_distribution_no_pipeline":
-                strategy, kwargs = "block_distribution", {"pipeline_branches": False}
-            run_config(f"{case} {label} x{count}",
-                       lambda: load_parallel_pipeline(path, strategy, settings=settings, devices=devices,
+                name, kwargs = "block_distribution", {"pipeline_branches": False}
+            run_config(f"{case} {strategy} x{count}",
+                       lambda: load_parallel_pipeline(path, name, settings=settings, devices=devices,
                                                       width=width, height=height, **kwargs),
                        noise, positive, negative, steps, reference, rows, devices)
     if "block_distribution" in strategies:

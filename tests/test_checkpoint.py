@@ -203,3 +203,18 @@ def test_bad_precision_and_quantization(tiny_checkpoints):
         load_wan_model(path, quantization="int4")
     with pytest.raises(ImportError, match="flash-attn.*choose 'sdpa'"):
         load_wan_model(path, attention_mode="flash_attn")
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_loads(tmp_path, tiny_checkpoints):
+    """A header length whose first byte is 0x80 (the pickle PROTO opcode) is still a safetensors file."""
+    state = load_file(str(tiny_checkpoints["t2v"][0]))
+    config = json.dumps(inspect_checkpoint(tiny_checkpoints["t2v"][0]).config)
+    path = tmp_path / "odd_header.safetensors"
+    for padding in range(256):
+        save_file(state, str(path), metadata={"wan_config": config, "pad": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert inspect_checkpoint(path).model_type == "t2v"
+    from wanvideo.lora import load_lora_state
+    assert len(load_lora_state(path)) == len(state)

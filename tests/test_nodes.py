@@ -212,3 +212,22 @@ def test_multi_gpu_loader_node(models_folder, monkeypatch, strategy):
                             shift=3.0, seed=7, scheduler="unipc", denoise=1.0)
     reference, _ = run_workflow("t2v")
     assert relative_error(out["samples"], reference) <= 1e-5
+
+
+def test_image_conditioning_edge_cases():
+    extras = image_to_video_extras(frames=3)
+    del extras["concat_mask"]  # no mask: nothing is known, as in ComfyUI's own Wan model
+    cond = nodes_sampler.comfy_to_conditioning(text_conditioning(0, extras=extras), "positive", "i2v", 1, (3, 4, 6))
+    assert torch.equal(cond.y[:, :4], torch.zeros(1, 4, 3, 4, 6))
+    negative = nodes_sampler.comfy_to_conditioning(text_conditioning(1), "negative", "i2v", 1, (3, 4, 6))
+    assert negative.clip_fea is None and negative.y is None  # the loop gives it the positive's
+    with pytest.raises(ValueError, match=r"needs \[1, 514, 1280\].*WanFirstLastFrameToVideo"):
+        nodes_sampler.comfy_to_conditioning(text_conditioning(0, extras=image_to_video_extras(frames=3)),
+                                            "positive", "flf2v", 1, (3, 4, 6))
+
+
+def test_reloading_unloads_the_previous_model(models_folder):
+    loader = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUModelLoader"]()
+    (first,) = loader.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa")
+    (second,) = loader.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa")
+    assert first.model is None and second.model is not None

@@ -7,7 +7,8 @@ import torch
 
 import wanvideo.parallel as parallel
 from conftest import relative_error
-from wanvideo.checkpoint import DeviceOutOfMemoryError, load_wan_model
+from wanvideo.checkpoint import load_wan_model
+from wanvideo.devices import DeviceOutOfMemoryError
 from wanvideo.modules.model import WanModel, distribute_model_blocks, get_available_gpus, setup_multi_gpu_parallelism
 from wanvideo.parallel.block_distribution import PipelinedBlockRunner, blocks_per_device_by_memory
 from wanvideo.pipeline import LoadSettings, load_pipeline
@@ -214,3 +215,36 @@ def test_benchmark_includes_the_in_process_strategies(tiny_checkpoints):
         devices=[CPU, CPU], steps=1, width=64, height=64, num_frames=5, base_precision="fp32")
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert all(r["relative_error_vs_single"] <= 1e-5 for r in rows)
+
+
+def test_no_gpu_auto_and_none_run_on_the_cpu(tiny_checkpoints, reference, monkeypatch):
+    """What the Multi-GPU loader does on a machine without GPUs (as in a CPU-only ComfyUI)."""
+    monkeypatch.setattr(parallel, "get_available_gpus", lambda: [])
+    for strategy in ("auto", "none"):
+        pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], strategy, gpu_ids="0,1",
+                                                   settings=SETTINGS)
+        assert pipeline.device == CPU
+        assert relative_error(generate(pipeline, "t2v", 1), reference["t2v", 1]) <= 1e-5
+    with pytest.raises(RuntimeError, match="choose parallelism_type 'auto' or 'none'"):
+        parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "data_parallel", gpu_ids="0,1", settings=SETTINGS)
+
+
+def test_loras_are_merged_by_every_strategy(tiny_checkpoints, tmp_path):
+    """A LoRA gives the same video through each strategy as on one device (each distributed worker
+    merges it from the file)."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(9)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.blocks.1.self_attn.q.lora_down.weight": torch.randn(4, 64, generator=g),
+               "diffusion_model.blocks.1.self_attn.q.lora_up.weight": torch.randn(64, 4, generator=g),
+               "diffusion_model.blocks.1.self_attn.q.alpha": torch.tensor(2.0)}, str(lora))
+    settings = LoadSettings(base_precision="fp32", loras=[(str(lora), 0.7)])
+    path = tiny_checkpoints["t2v"][0]
+    expected = generate(load_pipeline(path, CPU, settings), "t2v")
+    assert relative_error(expected, generate(load_pipeline(path, CPU, SETTINGS), "t2v")) > 1e-3  # it matters
+    for strategy in ("data_parallel", "block_distribution", "distributed"):
+        pipeline = parallel.load_parallel_pipeline(path, strategy, settings=settings, devices=[CPU, CPU])
+        try:
+            assert relative_error(generate(pipeline, "t2v"), expected) <= 1e-5, strategy
+        finally:
+            pipeline.unload()

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .devices import DeviceOutOfMemoryError, release_memory
 from .modules.model import WanModel
-from .quantization import FAST_MODES, FP8_DTYPES, QUANTIZATION_MODES, replace_linears_with_fp8, set_fp8_fast
+from .quantization import FAST_MODES, FP8_DTYPES, QUANTIZATION_MODES, enable_fp8_fast, replace_linears_with_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -99,19 +100,23 @@ def _count(n):
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def is_pickle_file(path):
+    """True for a pickle checkpoint, by its suffix or its first bytes (it is never unpickled)."""
+    with open(path, "rb") as f:
+        start = f.read(9)
+    looks_like_safetensors = start[8:9] == b"{"  # 8-byte header length, then the JSON header
+    # torch.save writes a zip archive ("PK"); older pickles start with the PROTO opcode 0x80.
+    return os.fspath(path).lower().endswith(PICKLE_SUFFIXES) or (
+        not looks_like_safetensors and (start[:2] == b"PK" or start[:1] == b"\x80"))
+
+
 def _refuse_non_safetensors(path):
     if not os.path.exists(path):
         raise CheckpointError(f"Checkpoint not found: {path!r}. Check the path, or put the file in ComfyUI's "
                               "models/diffusion_models folder.")
     if os.path.isdir(path):
         raise CheckpointError(f"{path!r} is a folder; give the path of a .safetensors file.")
-    lower = path.lower()
-    with open(path, "rb") as f:
-        start = f.read(9)
-    looks_like_safetensors = start[8:9] == b"{"  # 8-byte header length, then the JSON header
-    # torch.save writes a zip archive ("PK"); older pickles start with the PROTO opcode 0x80.
-    is_pickle = lower.endswith(PICKLE_SUFFIXES) or (not looks_like_safetensors and start[:1] in (b"P", b"\x80"))
-    if is_pickle:
+    if is_pickle_file(path):
         raise CheckpointError(f"{path!r} is a pickle checkpoint; pickle files can run arbitrary code and are never "
                               "opened here. Use the .safetensors release of the model (or convert it with a trusted tool).")
 
@@ -263,14 +268,6 @@ def build_meta_model(config, quantization="disabled"):
     return model
 
 
-class DeviceOutOfMemoryError(MemoryError):
-    """Loading ran out of memory on `device` (strategies drop that device and plan again)."""
-
-    def __init__(self, message, device):
-        super().__init__(message)
-        self.device = device
-
-
 def _device_for(key, device, device_map):
     """The device of parameter `key`: the longest matching module prefix in device_map, else `device`."""
     if device_map:
@@ -324,15 +321,15 @@ def load_wan_model(path, device="cpu", base_precision="bf16", quantization="disa
         model.load_state_dict(state, strict=True, assign=True)
     except torch.OutOfMemoryError as error:
         state.clear()
-        _release()
+        release_memory()
         raise DeviceOutOfMemoryError(f"Out of memory on {target} while loading {info.summary()}. Use fp8 "
                                      "quantization, block swap, or several GPUs.", target) from error
     except BaseException:
         state.clear()
-        _release()
+        release_memory()
         raise
-    if quantization in FAST_MODES:  # fp8 matmuls where the GPU has them; one warning and the upcast path elsewhere
-        set_fp8_fast(model, True, device)
+    if quantization in FAST_MODES and device.type == "cuda":  # loads to the CPU turn it on once placed
+        enable_fp8_fast(model, [device, *(device_map or {}).values()])
     model.set_attention_backend(attention_mode)
     model.eval().requires_grad_(False)
     model.checkpoint_info = info
@@ -350,8 +347,3 @@ def _to_fp8(tensor, scale, fp8_dtype, device):
         tensor = tensor.to(torch.float32) * scale
     weight, new_scale = quantize_weight(tensor.to(device), fp8_dtype)
     return weight, new_scale.to(torch.float32)
-
-
-def _release():
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

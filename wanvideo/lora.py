@@ -30,11 +30,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .checkpoint import is_pickle_file
 from .quantization import FP8Linear, quantize_weight
 
 logger = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 OFFICIAL_PREFIXES = ("", "diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "pipe.dit.")
 DIFFUSERS_PREFIXES = ("", "transformer.", "diffusion_model.", "base_model.model.")
 UNDERSCORE_PREFIXES = ("lora_unet_", "lora_unet__", "lycoris_", "lora_transformer_")
@@ -100,10 +100,7 @@ def load_lora_state(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist.")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    # pickles start with the PROTO opcode 0x80; torch.save zips start with 'PK'
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"PK":
+    if is_pickle_file(path):
         raise ValueError(f"LoRA file {str(path)!r} is a pickle (torch.save) file, which can run arbitrary code "
                          "when opened; it was not loaded. Use the .safetensors version of this LoRA.")
     try:

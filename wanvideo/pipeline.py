@@ -5,7 +5,6 @@ is what flows from the loader node to the sampler node. Multi-GPU strategies ret
 `model` is wrapped (data parallel, block distribution) or whose `generate` runs in worker processes
 (distributed); the sampler does not need to know which.
 """
-import gc
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ from typing import Optional
 import torch
 
 from .checkpoint import inspect_checkpoint, load_wan_model
+from .devices import DeviceOutOfMemoryError, release_memory
+from .quantization import FAST_MODES, enable_fp8_fast
 from .sampling import sample_video
 
 logger = logging.getLogger(__name__)
@@ -31,12 +32,6 @@ class LoadSettings:
     compile_args: Optional[dict] = None  # keyword arguments of wanvideo.compile.compile_blocks
 
 
-def _release_device_memory():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class WanPipeline:
     """A loaded model and how to run it. `generate` samples a video; `unload` frees every device."""
 
@@ -45,7 +40,7 @@ class WanPipeline:
         self.offload_device = offload_device
         self.placement = placement or f"all weights on {self.device}"
         self._cleanups = []
-        self._finalizer = weakref.finalize(self, _release_device_memory)
+        self._finalizer = weakref.finalize(self, release_memory)
 
     def add_cleanup(self, fn):
         """Run `fn()` on unload (hooks to remove, workers to stop), last added first."""
@@ -63,7 +58,7 @@ class WanPipeline:
         finally:
             if rests_offloaded:
                 self.model.to(self.offload_device)
-                _release_device_memory()
+                release_memory()
 
     def unload(self):
         """Return every device's memory: cleanups (hooks, workers), then drop the weights."""
@@ -73,7 +68,7 @@ class WanPipeline:
             except Exception as error:  # keep releasing the rest
                 logger.warning("Cleanup during unload failed: %s", error)
         self.model = None
-        _release_device_memory()
+        release_memory()
 
     def describe(self):
         """A few lines for people: what was loaded and where it lives."""
@@ -97,9 +92,13 @@ def load_model(path, device, settings: LoadSettings, info=None, device_map=None)
         if settings.loras:
             from .lora import apply_loras
             apply_loras(model, settings.loras)
+    except torch.OutOfMemoryError as error:
+        del model
+        release_memory()
+        raise DeviceOutOfMemoryError(f"Out of memory on {device} while merging LoRAs.", device) from error
     except BaseException:
         del model
-        _release_device_memory()
+        release_memory()
         raise
     return model, info
 
@@ -112,7 +111,8 @@ def load_pipeline(path, device, settings: LoadSettings, offload_device="cpu"):
     swapping = swap is not None and swap.blocks_to_swap > 0
     rest_offloaded = settings.load_device == "offload_device" and not swapping
     # block swap packs the swapped blocks from CPU memory, so those loads go through RAM
-    model, info = load_model(path, "cpu" if (swapping or rest_offloaded) else device, settings)
+    load_device = torch.device("cpu") if (swapping or rest_offloaded) else device
+    model, info = load_model(path, load_device, settings)
     pipeline = WanPipeline(model, info, device, settings, offload_device=torch.device(offload_device)
                            if rest_offloaded else None)
     try:
@@ -120,11 +120,14 @@ def load_pipeline(path, device, settings: LoadSettings, offload_device="cpu"):
             from .parallel.offload import enable_block_swap
             swapper = enable_block_swap(model, device, swap)
             pipeline.add_cleanup(swapper.remove)
-            pipeline.placement = (f"blocks 0-{swap.blocks_to_swap - 1} swapped from pinned CPU memory "
+            host = "pageable CPU memory (slower)" if swapper.pinned_mode == "pageable" else "pinned CPU memory"
+            pipeline.placement = (f"blocks 0-{swap.blocks_to_swap - 1} swapped from {host} "
                                   f"({swapper.pinned_bytes() / 2**30:.2f} GiB), the rest on {device} "
                                   f"({swapper.resident_bytes() / 2**30:.2f} GiB)")
         elif rest_offloaded:
             pipeline.placement = f"weights rest in {offload_device} memory, moved to {device} for each run"
+        if settings.quantization in FAST_MODES and load_device.type == "cpu":  # now placed: fp8 matmuls on device
+            enable_fp8_fast(model, [device])
         if settings.compile_args is not None:
             from .compile import compile_blocks
             compile_blocks(model, **settings.compile_args)

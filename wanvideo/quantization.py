@@ -223,6 +223,17 @@ def set_fp8_fast(model, enabled, device=None, input_scaling="row"):
     return bool(aligned)
 
 
+def enable_fp8_fast(model, devices):
+    """set_fp8_fast for a model computing on `devices`: on only if every CUDA device among them can
+    (mixed GPUs: an older card turns it off, with the reason). Returns whether it is active."""
+    devices = [torch.device(d) for d in devices]
+    cuda = [d for d in devices if d.type == "cuda"]
+    if not cuda:
+        return set_fp8_fast(model, True, devices[0])  # logs why not
+    unsupported = next((d for d in cuda if not fp8_fast_supported(d)[0]), None)
+    return set_fp8_fast(model, True, unsupported or cuda[0])
+
+
 def fp8_fast_active(model):
     """Whether any FP8Linear of the model has the fast path on."""
     return any(getattr(m, "fp8_fast", False) for m in model.modules() if isinstance(m, FP8Linear))

@@ -243,7 +243,7 @@ class Head(nn.Module):
     def forward(self, x, e):
         """x: [B, L, dim], e: [B, dim] float32 -> [B, L, prod(patch_size) * out_dim]."""
         shift, scale = (m.to(x.dtype) for m in (self.modulation.float() + e[:, None]).unbind(1))
-        return self.head(torch.addcmul(shift[:, None], self.norm(x), 1 + scale[:, None]))
+        return self.head(modulate(x, self.norm, shift, scale))
 
 
 class MLPProj(nn.Module):

@@ -11,18 +11,19 @@ usable or runs out of memory (with a warning that names it) and planning again o
 """
 import copy
 import logging
+from dataclasses import replace
 
 import torch
 
+from ..devices import DeviceOutOfMemoryError, free_bytes, release_memory
+from ..modules.model import PARALLELISM_TYPES
+from ..quantization import FAST_MODES, enable_fp8_fast
 from .block_distribution import blocks_per_device_by_memory, distribute_model_blocks
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["get_available_gpus", "setup_multi_gpu_parallelism", "distribute_model_blocks", "load_parallel_pipeline",
            "resolve_devices"]
-
-STRATEGIES = ("none", "data_parallel", "block_distribution", "distributed")
-
 
 def get_available_gpus():
     """Indices of the CUDA devices this process can use (after CUDA_VISIBLE_DEVICES); [] without CUDA."""
@@ -36,7 +37,7 @@ def resolve_devices(gpu_ids=None, devices=None):
         return [torch.device(d) for d in devices]
     from multi_gpu_utils import parse_gpu_ids
     available = get_available_gpus()
-    ids = available if gpu_ids in (None, "", []) else parse_gpu_ids(gpu_ids)
+    ids = available if gpu_ids is None or (isinstance(gpu_ids, str) and not gpu_ids.strip()) else parse_gpu_ids(gpu_ids)
     usable = [i for i in ids if i in available]
     dropped = [i for i in ids if i not in available]
     if dropped:
@@ -44,21 +45,24 @@ def resolve_devices(gpu_ids=None, devices=None):
                        dropped, available or "none")
     if not usable:
         raise RuntimeError(f"None of the GPUs {ids} is usable (this process sees {available or 'no GPU'}). Check "
-                           "gpu_ids and CUDA_VISIBLE_DEVICES, or use parallelism_type 'none' on the CPU.")
+                           "gpu_ids and CUDA_VISIBLE_DEVICES" + ("." if available else
+                           ", or choose parallelism_type 'auto' or 'none' to run on the CPU."))
     return [torch.device("cuda", i) for i in usable]
 
 
-def _free_bytes(device):
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free
-
-
 def _load_replica(path, device, settings, info):
-    """One full copy of the model on `device` (tests inject failures here)."""
+    """One full copy of the model on `device`, with the block swap of `settings` if any (tests inject
+    failures here)."""
     from ..pipeline import load_model
-    return load_model(path, device, settings, info)[0]
+    swap = settings.block_swap
+    if swap is None or not swap.blocks_to_swap:
+        return load_model(path, device, settings, info)[0]
+    from .offload import enable_block_swap
+    model = load_model(path, "cpu", settings, info)[0]
+    enable_block_swap(model, device, replace(swap))  # released with the replica
+    if settings.quantization in FAST_MODES:
+        enable_fp8_fast(model, [device])
+    return model
 
 
 def _load_distributed(path, device_map, settings, info):
@@ -68,6 +72,8 @@ def _load_distributed(path, device_map, settings, info):
 
 
 def _drop(devices, failed, error):
+    if failed not in devices:  # not a device we can leave out (the host, say): nothing to plan again
+        raise error
     remaining = [d for d in devices if d != failed]
     logger.warning("Dropped %s: %s. Planning again on %s.", failed, error, remaining or "no device")
     return remaining
@@ -80,12 +86,15 @@ def _build_data_parallel(path, devices, settings, info):
         try:
             for device in dict.fromkeys(devices):  # one load per distinct device
                 replicas_by_device[device] = _load_replica(path, device, settings, info)
-        except MemoryError as error:
-            failed = getattr(error, "device", None) or device
+        except DeviceOutOfMemoryError as error:
             replicas_by_device.clear()
-            _release_memory()
-            devices = _drop(devices, failed, error)
+            release_memory()
+            devices = _drop(devices, torch.device(error.device), error)
             continue
+        except BaseException:
+            replicas_by_device.clear()
+            release_memory()
+            raise
         wrapper = DataParallelWan([replicas_by_device[d] for d in devices], devices)
         return wrapper, wrapper.describe(), wrapper.close
     raise MemoryError(f"{info.summary()} fits none of the GPUs for data parallelism. Use block_distribution, "
@@ -99,7 +108,7 @@ def _capacities(devices, info, settings, reserve_bytes):
     block_bytes, _ = info.bytes_at(resolve_dtype(settings.base_precision), settings.quantization)
     capacities = []
     for device in devices:
-        free = _free_bytes(device)
+        free = free_bytes(device)
         capacities.append(1 if free is None else (free - reserve_bytes) // block_bytes)
     return capacities
 
@@ -120,7 +129,7 @@ def _build_block_distribution(path, devices, settings, info, blocks_per_gpu=None
                 continue
             counts = blocks_per_device_by_memory(info.num_layers, capacities)
         swaps = blocks_to_swap_per_gpu if blocks_to_swap_per_gpu and len(blocks_to_swap_per_gpu) == len(devices) \
-            else [0] * len(devices)
+            else _spread_swap(settings.block_swap, counts)
         device_map, start = {"": devices[0], "head": devices[-1]}, 0
         for device, count, swap in zip(devices, counts, swaps):
             for index in range(start, start + count):
@@ -131,30 +140,38 @@ def _build_block_distribution(path, devices, settings, info, blocks_per_gpu=None
             distribution = distribute_model_blocks(model, devices, counts, pipeline=pipeline,
                                                    blocks_to_swap_per_device=swaps if any(swaps) else None,
                                                    swap_settings=settings.block_swap)
-        except MemoryError as error:
-            failed = getattr(error, "device", None) or devices[-1]
+        except DeviceOutOfMemoryError as error:
             model = None
-            _release_memory()
-            devices = _drop(devices, torch.device(failed), error)
+            release_memory()
+            devices = _drop(devices, torch.device(error.device), error)
             blocks_per_gpu = None
-            if len(devices) == 0:
-                break
             continue
+        except BaseException:
+            model = None
+            release_memory()
+            raise
         return model, distribution.describe(), distribution.remove
     raise MemoryError(f"{info.summary()} does not fit the GPUs even split by blocks. Use fp8 quantization or "
                       "block swap.")
 
 
-def _release_memory():
-    import gc
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def _spread_swap(swap, counts):
+    """The loader's blocks_to_swap spread over the stages in proportion to their blocks (each stage
+    swaps its first blocks)."""
+    total = swap.blocks_to_swap if swap is not None else 0
+    if not total:
+        return [0] * len(counts)
+    if total > sum(counts):
+        raise ValueError(f"blocks_to_swap={total} is more than the model's {sum(counts)} blocks.")
+    swaps = [total * c // sum(counts) for c in counts]
+    for i in sorted(range(len(counts)), key=lambda i: counts[i] - swaps[i], reverse=True)[: total - sum(swaps)]:
+        swaps[i] += 1
+    return swaps
 
 
 def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, width=832, height=480, num_frames=81,
                            devices=None, blocks_per_gpu=None, blocks_to_swap_per_gpu=None, pipeline_branches=True,
-                           enable_block_distribution=True, distributed_degrees=None):
+                           enable_block_distribution=True):
     """Load `path` and apply a strategy -> WanPipeline (see wanvideo.pipeline).
 
     parallelism_type: 'auto' (multi_gpu_utils.setup_optimal_parallelism), 'none', 'data_parallel',
@@ -166,6 +183,9 @@ def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, 
     from ..pipeline import LoadSettings, WanPipeline, load_pipeline
     settings = settings or LoadSettings()
     info = inspect_checkpoint(path)
+    if devices is None and not get_available_gpus() and parallelism_type in ("auto", "none"):
+        logger.warning("No CUDA GPU is available: running on the CPU (expect minutes per step).")
+        devices = [torch.device("cpu")]
     devices = resolve_devices(gpu_ids, devices)
     if parallelism_type == "auto":
         from multi_gpu_utils import get_gpu_info, setup_optimal_parallelism
@@ -173,20 +193,22 @@ def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, 
         plan = setup_optimal_parallelism(path, gpus=inventory, width=width, height=height, num_frames=num_frames,
                                          base_precision=settings.base_precision, quantization=settings.quantization)
         logger.info("auto: %s", plan["reason"])
+        # the degrees are left to the workers: they choose per run, so a cfg-1 run uses every GPU
         return load_parallel_pipeline(
             path, plan["parallelism_type"], settings=_with_swap(settings, plan.get("blocks_to_swap", 0)),
+            width=width, height=height, num_frames=num_frames,
             devices=[torch.device("cuda", i) for i in plan["gpu_ids"]] or [torch.device("cpu")],
             blocks_per_gpu=plan.get("blocks_per_gpu"), blocks_to_swap_per_gpu=plan.get("blocks_to_swap_per_gpu"),
-            distributed_degrees=(plan.get("ulysses_degree"), plan.get("ring_degree"), plan.get("cfg_degree")))
-    if parallelism_type not in STRATEGIES:
-        raise ValueError(f"parallelism_type {parallelism_type!r} is not one of 'auto', {', '.join(STRATEGIES)}.")
+            pipeline_branches=pipeline_branches, enable_block_distribution=enable_block_distribution)
+    if parallelism_type not in PARALLELISM_TYPES:
+        raise ValueError(f"parallelism_type {parallelism_type!r} is not one of 'auto', {', '.join(PARALLELISM_TYPES)}.")
     if parallelism_type == "none" or (len(devices) == 1 and parallelism_type != "distributed"):
         if parallelism_type != "none":
             logger.warning("%s with one device (%s) is the plain single-device model.", parallelism_type, devices[0])
         return load_pipeline(path, devices[0], settings)
     if parallelism_type == "distributed":
         from .distributed.pipeline import load_distributed_pipeline
-        return load_distributed_pipeline(path, devices, settings, degrees=distributed_degrees)
+        return load_distributed_pipeline(path, devices, settings)
 
     reserve = _activation_reserve(info, settings, width, height, num_frames)
     if parallelism_type == "data_parallel":
@@ -204,15 +226,16 @@ def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, 
     main = getattr(model, "device", None) or devices[0]
     pipeline = WanPipeline(model, info, main, settings, placement=placement)
     pipeline.add_cleanup(cleanup)
-    if not isinstance(model, torch.nn.Module):
-        model.prefers_batched_cfg = True
-    else:
+    if isinstance(model, torch.nn.Module):
         model.prefers_batched_cfg = pipeline_branches  # cond and uncond as micro-batches of one forward
+    if settings.compile_args is not None:
+        from ..compile import compile_blocks
+        for replica in dict.fromkeys(getattr(model, "replicas", [model])):
+            compile_blocks(replica, **settings.compile_args)
     return pipeline
 
 
 def _with_swap(settings, blocks_to_swap):
-    from dataclasses import replace
     from .offload import BlockSwapSettings
     if not blocks_to_swap or (settings.block_swap and settings.block_swap.blocks_to_swap):
         return settings
@@ -243,21 +266,29 @@ def setup_multi_gpu_parallelism(model, parallelism_type=None, gpu_ids=None, enab
     parallelism_type = parallelism_type or model.parallelism_type
     gpu_ids = gpu_ids if gpu_ids is not None else model.gpu_ids
     enable = model.enable_block_distribution if enable_block_distribution is None else enable_block_distribution
+    if parallelism_type not in PARALLELISM_TYPES:
+        raise ValueError(f"parallelism_type {parallelism_type!r} is not one of {', '.join(PARALLELISM_TYPES)}.")
+    if parallelism_type == "distributed":
+        raise ValueError("The distributed strategy runs one worker process per GPU, each loading its own weights "
+                         "from the checkpoint file: use load_parallel_pipeline(path, 'distributed', gpu_ids) or "
+                         "the WanVideo Multi-GPU Loader node.")
     if parallelism_type == "none":
         return model
     devices = resolve_devices(gpu_ids, devices)
     if parallelism_type == "data_parallel":
         from .data_parallel import DataParallelWan
-        replicas = {device: copy.deepcopy(model).to(device) for device in dict.fromkeys(devices[1:])
-                    if device != devices[0]}  # copied before the original moves
-        replicas[devices[0]] = model.to(devices[0])
-        return DataParallelWan([replicas[d] for d in devices], devices)
-    if parallelism_type == "block_distribution" or enable:
-        distribute_model_blocks(model, devices, blocks_per_gpu)
-        model.prefers_batched_cfg = True
-        return model
-    if parallelism_type == "distributed":
-        raise ValueError("The distributed strategy runs one worker process per GPU, each loading its own weights "
-                         "from the checkpoint file: use load_parallel_pipeline(path, 'distributed', gpu_ids) or "
-                         "the WanVideo Multi-GPU Loader node.")
-    raise ValueError(f"parallelism_type {parallelism_type!r} is not one of {', '.join(STRATEGIES)}.")
+        try:
+            replicas = {device: copy.deepcopy(model).to(device) for device in dict.fromkeys(devices[1:])
+                        if device != devices[0]}  # copied before the original moves
+            replicas[devices[0]] = model.to(devices[0])
+            return DataParallelWan([replicas[d] for d in devices], devices)
+        except torch.OutOfMemoryError:
+            replicas = None
+            model.to("cpu")
+            release_memory()
+            if not enable:
+                raise
+            logger.warning("A replica does not fit every GPU; distributing the blocks over %s instead.", devices)
+    distribute_model_blocks(model, devices, blocks_per_gpu)  # block_distribution
+    model.prefers_batched_cfg = True
+    return model

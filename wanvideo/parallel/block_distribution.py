@@ -7,11 +7,12 @@ branch 1 through its own, so two devices are busy at once instead of taking turn
 A stage may also keep some of its blocks in pinned CPU memory (block swap), for models too large
 even for all devices together.
 """
-import contextlib
 import logging
 
 import torch
 import torch.nn as nn
+
+from ..devices import device_context
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ class _Stage(nn.Module):
     @property
     def stop(self):
         return self.start + len(self.blocks)
-
-
-def _device_context(device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _hop(tensor, device):
@@ -98,7 +95,7 @@ class PipelinedBlockRunner:
 
     @staticmethod
     def _run_stage(stage, tokens, ctx):
-        with _device_context(stage.device):
+        with device_context(stage.device):
             for block in stage.blocks:
                 tokens = block(tokens, ctx)
         return tokens

@@ -4,11 +4,12 @@ CFG's cond and uncond (the sampler sends them as one batch to a model that `pref
 and batch items run on different devices at the same time; the results come back to the first
 device. Replicas on the same device share one model, so [cuda:0, cuda:0] costs no extra memory.
 """
-import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from ..devices import device_context
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,7 @@ class DataParallelWan:
         batch = len(x)
         images_per_item = clip_fea.shape[0] // batch if clip_fea is not None else 0
         jobs = []
-        for replica, device, (start, stop) in zip(self.replicas, self.devices, split_evenly(batch, len(self.replicas))):
-            if start == stop:
-                continue
+        for replica, device, (start, stop) in self._assignments(batch):
             part = dict(
                 x=[u.to(device, non_blocking=True) for u in x[start:stop]],
                 t=(t.reshape(-1).expand(batch) if t.numel() == 1 else t)[start:stop].to(device),
@@ -62,9 +61,22 @@ class DataParallelWan:
             outputs.extend(job.result())
         return [u.to(self.device) for u in outputs]
 
+    def _assignments(self, batch):
+        """(replica, device, (start, stop)) per job: an even split over the devices, with the shares of
+        a replica listed on several devices joined (one model object runs one batch at a time)."""
+        jobs = []
+        for replica, device, (start, stop) in zip(self.replicas, self.devices, split_evenly(batch, len(self.replicas))):
+            if start == stop:
+                continue
+            if jobs and jobs[-1][0] is replica:
+                jobs[-1] = (replica, device, (jobs[-1][2][0], stop))
+            else:
+                jobs.append((replica, device, (start, stop)))
+        return jobs
+
     @staticmethod
     def _run(replica, device, part):
-        with torch.inference_mode(), (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()):
+        with torch.inference_mode(), device_context(device):
             return replica(**part)
 
     def close(self):

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import free_bytes
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BlockSwapSettings", "BlockSwapper", "enable_block_swap", "get_block_swapper"]
@@ -302,12 +304,6 @@ def _compile_safe(hook):
     return torch.compiler.disable(hook)
 
 
-def _free_device_bytes(device):
-    """Bytes a new allocation can take on a CUDA device: free memory plus what the cache holds unused."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
 class BlockSwapper:
     """Block swap applied to a WanModel; made by `enable_block_swap`, undone by `remove()`.
 
@@ -370,7 +366,7 @@ class BlockSwapper:
                 incoming += nbytes
         block_sizes = [_Layout(self.model.blocks[i], f"block {i}").nbytes for i in self.swapped_block_indices]
         slots = self.ring_size * max(block_sizes, default=0)
-        available = _free_device_bytes(self.device) + leaving
+        available = free_bytes(self.device) + leaving
         if incoming + slots > available:
             block = _Layout(self.model.blocks[-1], "a block").nbytes
             more = math.ceil((incoming + slots - available) / block)
@@ -559,7 +555,7 @@ class BlockSwapper:
         if restore_device.type == "cuda":
             needed = self.pinned_bytes()
             slot_bytes = sum(slot.numel() for slot in self._slots) if restore_device == self.device else 0
-            available = _free_device_bytes(restore_device) + slot_bytes
+            available = free_bytes(restore_device) + slot_bytes
             if needed > available:
                 raise MemoryError(f"Restoring the {len(self.swapped_block_indices)} swapped blocks needs "
                                   f"{needed / 2**30:.2f} GiB on {restore_device}, but only {available / 2**30:.2f} GiB "

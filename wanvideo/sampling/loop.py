@@ -132,6 +132,9 @@ def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, n
     pos = _prepare_branch(positive, "positive", batch, frame_shape, device)
     neg = _prepare_branch(negative, "negative", batch, frame_shape, device, fallback=positive) if guided else None
     patch = getattr(model, "patch_size", (1, 2, 2))
+    if any(n % p for n, p in zip(frame_shape, patch)):
+        raise ValueError(f"Latent frames x height x width {frame_shape} must divide by the patch size {tuple(patch)}: "
+                         "use a video width and height that are multiples of 16.")
     seq_len = math.prod(n // p for n, p in zip(frame_shape, patch))
 
     x = noise.to(device, torch.float32)

@@ -4,15 +4,10 @@ The worker group starts at load time (each worker loads its own weights from the
 across runs until the pipeline is unloaded or garbage-collected, when the workers stop and their
 GPU memory is returned.
 """
-import logging
-
 import torch
 
 from ...pipeline import WanPipeline
-from .topology import ParallelDegrees
 from .workers import DistributedWanRunner
-
-logger = logging.getLogger(__name__)
 
 
 class DistributedWanPipeline(WanPipeline):
@@ -29,7 +24,8 @@ class DistributedWanPipeline(WanPipeline):
         if self.runner is None:
             raise RuntimeError("This model was unloaded; run the loader node again.")
         self.runner.start()  # no-op while the group is alive; a fresh group after a failure
-        return self.runner.sample(noise, positive, negative, **sampler_args)
+        return self.runner.sample(noise, positive, negative, previews=sampler_args.get("callback") is not None,
+                                  **sampler_args)
 
     def unload(self):
         super().unload()
@@ -37,18 +33,15 @@ class DistributedWanPipeline(WanPipeline):
 
 
 def load_distributed_pipeline(path, devices, settings, degrees=None):
-    """Start one worker per device on `path` -> DistributedWanPipeline. degrees: (ulysses, ring, cfg)
-    from the planner, or None to choose per run."""
-    if settings.loras or (settings.block_swap and settings.block_swap.blocks_to_swap) or settings.compile_args:
-        logger.warning("The distributed strategy does not apply LoRAs, block swap or compile settings yet; "
-                       "they are ignored. Use data_parallel or block_distribution to combine them.")
-    layout = None
-    if degrees and all(d for d in degrees):
-        ulysses, ring, cfg = degrees
-        if ulysses * ring * cfg == len(devices):
-            layout = ParallelDegrees(cfg=cfg, ulysses=ulysses, ring=ring)
+    """Start one worker per device on `path` (LoRAs merged in each) -> DistributedWanPipeline.
+    degrees: a ParallelDegrees layout, or None to choose one per run (cfg 1 runs use every GPU for
+    the sequence)."""
+    if (settings.block_swap and settings.block_swap.blocks_to_swap) or settings.compile_args:
+        raise ValueError("The distributed strategy keeps a whole model on every GPU and does not combine with block "
+                         "swap or torch.compile yet: disconnect those settings, or use data_parallel or "
+                         "block_distribution.")
     runner = DistributedWanRunner(path, [torch.device(d) for d in devices], base_precision=settings.base_precision,
                                   quantization=settings.quantization, attention_mode=settings.attention_mode,
-                                  degrees=layout)
+                                  degrees=degrees, loras=settings.loras)
     runner.start()
     return DistributedWanPipeline(runner, settings)

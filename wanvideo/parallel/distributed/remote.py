@@ -28,7 +28,7 @@ class TorchrunWanClient:
             self.store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=connect_timeout_s))
         except Exception as error:  # noqa: BLE001 - re-raised with what to do
             raise ConnectionError(f"No Wan worker group answers at {host}:{port} ({error}). Start it with torchrun "
-                                  "(see guide_distributed.md) and check --serve-port and the firewall.") from error
+                                  "(MULTI_GPU_GUIDE.md, section 5) and check --serve-port and the firewall.") from error
         while not self.store.check(["ready"]):
             self._raise_worker_error()
             if time.monotonic() - began > connect_timeout_s:

@@ -29,9 +29,12 @@ class WorkerSession:
     """
 
     def __init__(self, checkpoint_path, device, base_precision="bf16", quantization="disabled",
-                 attention_mode="sdpa"):
+                 attention_mode="sdpa", loras=()):
         self.device = torch.device(device)
         self.model = load_wan_model(checkpoint_path, self.device, base_precision, quantization, attention_mode)
+        if loras:  # [(path, strength)], merged by every rank from the files
+            from ...lora import apply_loras
+            apply_loras(self.model, [(str(path), float(strength)) for path, strength in loras])
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         # Collectives on the default group need tensors where its backend works: GPU for NCCL.
         self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -76,7 +76,7 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True,
                         help="Wan 2.1 .safetensors file (the same path on every machine)")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--quantization", default="disabled", choices=("disabled", "fp8_e4m3fn", "fp8_e5m2"))
+    parser.add_argument("--quantization", default="disabled", choices=("disabled", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast"))
     parser.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash_attn, sageattention")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for trying it out")
     parser.add_argument("--serve-host", default="0.0.0.0", help="address rank 0's request store listens on")

@@ -230,7 +230,7 @@ class DistributedWanRunner:
 
     def __init__(self, checkpoint_path, devices, base_precision="bf16", quantization="disabled",
                  attention_mode="sdpa", degrees=None, start_timeout_s=900.0, step_timeout_s=900.0,
-                 cpu_threads_per_worker=None, collective_timeout_s=1800.0):
+                 cpu_threads_per_worker=None, collective_timeout_s=1800.0, loras=()):
         self.devices = _as_devices(devices)
         self.info = inspect_checkpoint(str(checkpoint_path))
         self.num_heads = self.info.config["num_heads"]
@@ -238,7 +238,8 @@ class DistributedWanRunner:
             degrees.check(len(self.devices))
         self.degrees = degrees
         self.load_args = dict(checkpoint_path=str(checkpoint_path), base_precision=base_precision,
-                              quantization=quantization, attention_mode=attention_mode)
+                              quantization=quantization, attention_mode=attention_mode,
+                              loras=[(str(path), float(strength)) for path, strength in loras])
         self.start_timeout_s, self.step_timeout_s = start_timeout_s, step_timeout_s
         self.collective_timeout_s = collective_timeout_s
         if cpu_threads_per_worker is None:  # share the cores out instead of every worker taking them all

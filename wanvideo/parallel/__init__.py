@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["get_available_gpus", "setup_multi_gpu_parallelism", "distribute_model_blocks", "load_parallel_pipeline",
            "resolve_devices"]
 
+
 def get_available_gpus():
     """Indices of the CUDA devices this process can use (after CUDA_VISIBLE_DEVICES); [] without CUDA."""
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

@@ -6,6 +6,7 @@ is what flows from the loader node to the sampler node. Multi-GPU strategies ret
 (distributed); the sampler does not need to know which.
 """
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -77,7 +78,7 @@ class WanPipeline:
                  f"precision {s.base_precision}, quantization {s.quantization}, attention {s.attention_mode}",
                  self.placement]
         if s.loras:
-            lines.append("LoRAs: " + ", ".join(f"{getattr(p, 'name', p)} @ {w:g}" for p, w in s.loras))
+            lines.append("LoRAs: " + ", ".join(f"{os.path.basename(str(p))} @ {w:g}" for p, w in s.loras))
         return "\n".join(lines)
 
 

@@ -200,7 +200,14 @@ def test_distributed_through_the_common_entry_point(tiny_checkpoints, reference)
     try:
         assert "one worker per device" in pipeline.describe()
         assert relative_error(generate(pipeline, "t2v", 1), reference["t2v", 1]) <= 1e-5
+        workers = [p.pid for p in multiprocessing.active_children() if p.name.startswith("wan-worker")]
+        bad_y = Conditioning([torch.zeros(3, 32)], torch.zeros(1, 257, 1280), torch.zeros(1, 20, 2, 4, 6))
+        with pytest.raises(ValueError, match="y has shape"):  # refused before it reaches the workers
+            pipeline.generate(make_noise((1, 16, 3, 4, 6), 0), bad_y, steps=2, cfg=1.0)
+        with pytest.raises(ValueError, match="multiples of 16"):
+            pipeline.generate(make_noise((1, 16, 3, 5, 6), 0), conditioning("t2v", 1, 3, 1), steps=2, cfg=1.0)
         assert relative_error(generate(pipeline, "t2v", 2), reference["t2v", 2]) <= 1e-5
+        assert [p.pid for p in multiprocessing.active_children() if p.name.startswith("wan-worker")] == workers
     finally:
         pipeline.unload()
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("wan-worker")]

@@ -327,8 +327,12 @@ class WanModel(nn.Module):
         return self.head.head.weight.dtype
 
     def set_attention_backend(self, backend):
-        """Route every attention of the model through `backend` ('sdpa', 'flash_attn', 'sageattention')."""
+        """Route every attention of the model through `backend` ('sdpa', 'flash_attn', 'sageattention').
+        Call it before a strategy replaces the self-attention op (sequence parallelism)."""
         op = make_attention_op(backend)
+        if any(not isinstance(b.self_attn.attn_op, functools.partial) for b in self.blocks):
+            raise RuntimeError("A parallel strategy has replaced the self-attention of this model; choose the "
+                               "attention backend before applying it.")
         for block in self.blocks:
             block.self_attn.attn_op = op
             block.cross_attn.attn_op = op

@@ -19,7 +19,7 @@ from .schedulers import NUM_TRAIN_TIMESTEPS, flow_sigmas, make_scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Conditioning", "make_noise", "sample_video"]
+__all__ = ["Conditioning", "check_inputs", "make_noise", "sample_video"]
 
 
 @dataclass
@@ -52,8 +52,8 @@ def _state_device(model, noise):
     return torch.device(device) if device is not None else noise.device
 
 
-def _prepare_branch(cond, name, batch, frame_shape, device, fallback=None):
-    """Validate one branch and move it to `device`; returns (context list, clip_fea, y list or None)."""
+def _check_branch(cond, name, batch, frame_shape, fallback=None):
+    """Raise a clear error when a branch does not fit the batch; returns (context, clip_fea, y)."""
     if not isinstance(cond, Conditioning):
         raise TypeError(f"{name} must be a Conditioning; got {type(cond).__name__}.")
     context = list(cond.context)
@@ -67,6 +67,12 @@ def _prepare_branch(cond, name, batch, frame_shape, device, fallback=None):
     if y is not None and (y.dim() != 5 or y.shape[0] != batch or tuple(y.shape[2:]) != frame_shape):
         raise ValueError(f"{name}.y has shape {tuple(y.shape)}; it must be [{batch}, C, {', '.join(map(str, frame_shape))}] "
                          "like the noise (mask and image latents of the same size).")
+    return context, clip_fea, y
+
+
+def _prepare_branch(cond, name, batch, frame_shape, device, fallback=None):
+    """Validate one branch and move it to `device`; returns (context list, clip_fea, y list or None)."""
+    context, clip_fea, y = _check_branch(cond, name, batch, frame_shape, fallback)
     return ([c.to(device) for c in context],
             None if clip_fea is None else clip_fea.to(device),
             None if y is None else list(y.to(device, torch.float32)))
@@ -95,6 +101,31 @@ def _velocity(model, x, sigma, branches, seq_len):
     return torch.stack([o.to(x.device, torch.float32) for o in out])
 
 
+def check_inputs(noise, positive, negative=None, cfg=5.0, denoise=1.0, init_latent=None, patch_size=(1, 2, 2)):
+    """Every error sample_video would raise about its inputs, without running anything (the
+    distributed runner calls it before sending a request to its workers)."""
+    if noise.dim() != 5:
+        raise ValueError(f"noise must be [B, 16, F, H, W]; got shape {tuple(noise.shape)}.")
+    if not (isinstance(cfg, (int, float)) and math.isfinite(cfg)):
+        raise ValueError(f"cfg must be a finite number; got {cfg!r}.")
+    guided = cfg != 1
+    if guided and negative is None:
+        raise ValueError(f"cfg={cfg} needs a negative Conditioning; pass one, or set cfg to 1.0 to sample "
+                         "without guidance.")
+    if denoise < 1 and init_latent is None:
+        raise ValueError(f"denoise={denoise} needs init_latent (the latents to start from); pass it, or use "
+                         "denoise=1.0 to generate from pure noise.")
+    if init_latent is not None and init_latent.shape != noise.shape:
+        raise ValueError(f"init_latent has shape {tuple(init_latent.shape)}; the noise has {tuple(noise.shape)}.")
+    batch, frame_shape = noise.shape[0], tuple(noise.shape[2:])
+    if any(n % p for n, p in zip(frame_shape, patch_size)):
+        raise ValueError(f"Latent frames x height x width {frame_shape} must divide by the patch size "
+                         f"{tuple(patch_size)}: use a video width and height that are multiples of 16.")
+    _check_branch(positive, "positive", batch, frame_shape)
+    if guided:
+        _check_branch(negative, "negative", batch, frame_shape, fallback=positive)
+
+
 def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, negative: Optional[Conditioning] = None,
                  steps=30, cfg=5.0, shift=5.0, scheduler="unipc", denoise=1.0, init_latent=None, batch_cfg=None,
                  callback=None, check_interrupt=None, progress=True):
@@ -110,19 +141,8 @@ def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, n
     check_interrupt() runs before each step and cancels by raising.
     """
     sigmas = flow_sigmas(steps, shift, denoise)  # validates steps, shift and denoise first
-    if noise.dim() != 5:
-        raise ValueError(f"noise must be [B, 16, F, H, W]; got shape {tuple(noise.shape)}.")
-    if not (isinstance(cfg, (int, float)) and math.isfinite(cfg)):
-        raise ValueError(f"cfg must be a finite number; got {cfg!r}.")
+    check_inputs(noise, positive, negative, cfg, denoise, init_latent, getattr(model, "patch_size", (1, 2, 2)))
     guided = cfg != 1
-    if guided and negative is None:
-        raise ValueError(f"cfg={cfg} needs a negative Conditioning; pass one, or set cfg to 1.0 to sample "
-                         "without guidance.")
-    if denoise < 1 and init_latent is None:
-        raise ValueError(f"denoise={denoise} needs init_latent (the latents to start from); pass it, or use "
-                         "denoise=1.0 to generate from pure noise.")
-    if init_latent is not None and init_latent.shape != noise.shape:
-        raise ValueError(f"init_latent has shape {tuple(init_latent.shape)}; the noise has {tuple(noise.shape)}.")
     if batch_cfg is None:
         batch_cfg = bool(getattr(model, "prefers_batched_cfg", False))
 
@@ -132,9 +152,6 @@ def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, n
     pos = _prepare_branch(positive, "positive", batch, frame_shape, device)
     neg = _prepare_branch(negative, "negative", batch, frame_shape, device, fallback=positive) if guided else None
     patch = getattr(model, "patch_size", (1, 2, 2))
-    if any(n % p for n, p in zip(frame_shape, patch)):
-        raise ValueError(f"Latent frames x height x width {frame_shape} must divide by the patch size {tuple(patch)}: "
-                         "use a video width and height that are multiples of 16.")
     seq_len = math.prod(n // p for n, p in zip(frame_shape, patch))
 
     x = noise.to(device, torch.float32)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from ...checkpoint import inspect_checkpoint
-from ...sampling.loop import Conditioning
+from ...sampling.loop import Conditioning, check_inputs
 from ...sampling.schedulers import flow_sigmas, make_scheduler
 from .protocol import decode_request, detached_request, encode_request
 from .serving import RunInterrupted, WorkerSession
@@ -346,9 +346,7 @@ class DistributedWanRunner:
         self._check_inputs(noise, positive, negative)
         sigmas = flow_sigmas(steps, shift, denoise)  # bad settings fail here, not inside the workers
         make_scheduler(scheduler, sigmas)
-        if denoise < 1 and init_latent is None:
-            raise ValueError(f"denoise={denoise} needs init_latent (the latents to start from); pass it, or use "
-                             "denoise=1.0.")
+        check_inputs(noise, positive, negative, cfg, denoise, init_latent, self.info.config["patch_size"])
         return self._run(dict(kind="sample", noise=noise, positive=positive, negative=negative, cfg=cfg, steps=steps,
                               shift=shift, scheduler=scheduler, denoise=denoise, init_latent=init_latent,
                               batch_cfg=batch_cfg, previews=previews), degrees, callback, check_interrupt)

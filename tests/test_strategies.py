@@ -255,3 +255,16 @@ def test_loras_are_merged_by_every_strategy(tiny_checkpoints, tmp_path):
             assert relative_error(generate(pipeline, "t2v"), expected) <= 1e-5, strategy
         finally:
             pipeline.unload()
+
+
+@pytest.mark.parametrize("strategy, kwargs", [("none", {}), ("data_parallel", {}), ("block_distribution", {}),
+                                               ("block_distribution", {"blocks_to_swap_per_gpu": [1, 1]})])
+def test_dropping_the_pipeline_frees_the_model(tiny_checkpoints, strategy, kwargs):
+    """What happens when ComfyUI drops the loader's output: nothing keeps the weights alive."""
+    import weakref
+    pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], strategy, settings=SETTINGS,
+                                               devices=[CPU, CPU], **kwargs)
+    generate(pipeline, "t2v")
+    models = [weakref.ref(m) for m in getattr(pipeline.model, "replicas", [pipeline.model])]
+    del pipeline
+    assert all(ref() is None for ref in models)

@@ -122,9 +122,10 @@ def test_documented_model_arguments_and_functions(tiny_checkpoints):
 def test_blocks_split_in_proportion_to_memory():
     assert blocks_per_device_by_memory(40, [24, 12]) == [27, 13]
     assert blocks_per_device_by_memory(40, [16, 16, 16, 16]) == [10, 10, 10, 10]
-    assert sum(blocks_per_device_by_memory(30, [100, 1, 1])) == 30 and min(blocks_per_device_by_memory(30, [100, 1, 1])) == 1
-    with pytest.raises(ValueError, match="at most 4 devices"):
-        blocks_per_device_by_memory(4, [1] * 5)
+    assert blocks_per_device_by_memory(30, [100, 1, 1]) == [30, 0, 0]   # the small ones are left out
+    assert blocks_per_device_by_memory(40, [24, 12], limits=[20, 30]) == [20, 20]
+    with pytest.raises(ValueError, match="hold at most 25 of the 40 blocks"):
+        blocks_per_device_by_memory(40, [24, 12], limits=[20, 5])
 
 
 def test_unusable_gpu_ids_are_dropped_with_a_warning(monkeypatch, caplog):
@@ -268,3 +269,21 @@ def test_dropping_the_pipeline_frees_the_model(tiny_checkpoints, strategy, kwarg
     models = [weakref.ref(m) for m in getattr(pipeline.model, "replicas", [pipeline.model])]
     del pipeline
     assert all(ref() is None for ref in models)
+
+
+def test_block_distribution_splits_by_free_memory_and_leaves_out_a_full_device(tiny_checkpoints, monkeypatch,
+                                                                                caplog):
+    block = 202_496  # bytes of one tiny fp32 block
+    free = {0: 30 * block, 1: 10 * block, 2: block // 2}
+    monkeypatch.setattr(parallel, "free_bytes", lambda device: free[device.index])
+    monkeypatch.setattr(parallel, "_activation_reserve", lambda *args: 0)
+    devices = [torch.device("cpu", i) for i in range(3)]
+    with caplog.at_level(logging.WARNING):
+        pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "block_distribution",
+                                                   settings=SETTINGS, devices=devices)
+    assert "Dropped cpu:2" in caplog.text
+    assert [(s.device, len(s.blocks)) for s in pipeline.model.block_runner.stages] == [(devices[0], 3), (devices[1], 1)]
+    free.update({0: block, 1: block, 2: block})
+    with pytest.raises(MemoryError, match="hold at most 3 of the 4 blocks"):
+        parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "block_distribution", settings=SETTINGS,
+                                        devices=devices)

@@ -103,15 +103,16 @@ def _build_data_parallel(path, devices, settings, info):
 
 
 def _capacities(devices, info, settings, reserve_bytes):
-    """Bytes each device can give to blocks (free memory less the activation reserve), or equal
-    shares for devices without memory figures (CPU)."""
+    """(bytes each device can give to blocks: free memory less the activation reserve, blocks that
+    fit there). Devices without memory figures (CPU) get equal shares and no limit."""
     from ..checkpoint import resolve_dtype
     block_bytes, _ = info.bytes_at(resolve_dtype(settings.base_precision), settings.quantization)
-    capacities = []
+    capacities, limits = [], []
     for device in devices:
         free = free_bytes(device)
-        capacities.append(1 if free is None else (free - reserve_bytes) // block_bytes)
-    return capacities
+        capacities.append(1 if free is None else max(0, free - reserve_bytes))
+        limits.append(info.num_layers if free is None else capacities[-1] // block_bytes)
+    return capacities, limits
 
 
 def _build_block_distribution(path, devices, settings, info, blocks_per_gpu=None, blocks_to_swap_per_gpu=None,
@@ -119,16 +120,19 @@ def _build_block_distribution(path, devices, settings, info, blocks_per_gpu=None
     while devices:
         counts = blocks_per_gpu
         if counts is None or len(counts) != len(devices):
-            capacities = _capacities(devices, info, settings, reserve_bytes)
-            usable = [d for d, c in zip(devices, capacities) if c >= 1]
-            if len(usable) < len(devices):
-                for d, c in zip(devices, capacities):
-                    if c < 1:
-                        logger.warning("Dropped %s: too little free memory for even one block next to the "
-                                       "activations.", d)
-                devices = usable
+            capacities, limits = _capacities(devices, info, settings, reserve_bytes)
+            swapping = settings.block_swap is not None and settings.block_swap.blocks_to_swap > 0
+            try:  # with block swap the stages hold fewer blocks than they run: no limit then
+                counts = blocks_per_device_by_memory(info.num_layers, capacities, None if swapping else limits)
+            except ValueError as error:
+                raise MemoryError(f"{info.summary()}: {error}") from None
+            if 0 in counts:  # a device that holds no block would only add a hop
+                for device, count in zip(devices, counts):
+                    if not count:
+                        logger.warning("Dropped %s: too little free memory for a share of the blocks next to the "
+                                       "activations.", device)
+                devices = [d for d, c in zip(devices, counts) if c]
                 continue
-            counts = blocks_per_device_by_memory(info.num_layers, capacities)
         swaps = blocks_to_swap_per_gpu if blocks_to_swap_per_gpu and len(blocks_to_swap_per_gpu) == len(devices) \
             else _spread_swap(settings.block_swap, counts)
         device_map, start = {"": devices[0], "head": devices[-1]}, 0

@@ -19,21 +19,20 @@ logger = logging.getLogger(__name__)
 EMBEDDING_MODULES = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "img_emb")
 
 
-def blocks_per_device_by_memory(num_blocks, capacities):
-    """Split `num_blocks` into len(capacities) contiguous counts in proportion to each device's
-    capacity (bytes free for weights), every device getting at least one block (largest remainder)."""
-    if len(capacities) > num_blocks:
-        raise ValueError(f"{len(capacities)} devices for {num_blocks} blocks: use at most {num_blocks} devices.")
-    if any(c <= 0 for c in capacities):
-        raise ValueError(f"Every device needs room for its blocks; capacities {capacities} include none.")
-    total = float(sum(capacities))
-    shares = [num_blocks * c / total for c in capacities]
-    counts = [max(1, int(s)) for s in shares]
-    while sum(counts) > num_blocks:  # the minimum of one block took too many: trim the largest
-        counts[counts.index(max(counts))] -= 1
-    by_remainder = sorted(range(len(shares)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
-    for i in by_remainder[: num_blocks - sum(counts)]:
-        counts[i] += 1
+def blocks_per_device_by_memory(num_blocks, capacities, limits=None):
+    """Split `num_blocks` into contiguous counts in proportion to `capacities` (bytes free for
+    weights, or any relative sizes), none above its entry of `limits` (blocks it can hold; default no
+    limit): the rounded-down shares first, then block by block to the device with the most capacity
+    per block it would hold. A device may get no block; callers leave it out."""
+    limits = list(limits) if limits is not None else [num_blocks] * len(capacities)
+    if sum(limits) < num_blocks:
+        raise ValueError(f"The devices hold at most {sum(limits)} of the {num_blocks} blocks; add devices, keep "
+                         "some blocks in CPU memory (block swap) or use fp8.")
+    share = float(sum(capacities))
+    counts = [min(limit, int(num_blocks * c / share)) for c, limit in zip(capacities, limits)]
+    while sum(counts) < num_blocks:
+        open_devices = [i for i in range(len(counts)) if counts[i] < limits[i]]
+        counts[max(open_devices, key=lambda i: capacities[i] / (counts[i] + 1))] += 1
     return counts
 
 

@@ -41,6 +41,7 @@ import math
 
 from ..checkpoint import BASE_DTYPES
 from ..quantization import QUANTIZATION_MODES
+from .block_distribution import blocks_per_device_by_memory
 
 logger = logging.getLogger(__name__)
 
@@ -263,18 +264,6 @@ def _plan_swap(footprint, work, gpu, need, note=""):
                         f"is faster.{_fp8_hint(footprint)}{note}")
 
 
-def _allocate_proportionally(total, capacities, limits):
-    """Split `total` blocks in proportion to `capacities` (bytes), no GPU above its `limits` entry;
-    the remainder goes, block by block, to the GPU with the most capacity per block it would hold."""
-    share = sum(capacities)
-    counts = [min(limit, int(total * c / share)) for c, limit in zip(capacities, limits)]
-    while sum(counts) < total:
-        open_gpus = [i for i in range(len(counts)) if counts[i] < limits[i]]
-        pick = max(open_gpus, key=lambda i: capacities[i] / (counts[i] + 1))
-        counts[pick] += 1
-    return counts
-
-
 def _plan_block_distribution(footprint, work, gpus, need):
     """Contiguous block ranges in proportion to each GPU's memory after its fixed costs (GPUs that
     cannot hold a block are left out). If even the sum is too small, every GPU but the largest
@@ -288,7 +277,7 @@ def _plan_block_distribution(footprint, work, gpus, need):
                       for i, g in enumerate(candidates)]
         resident_limits = [max(0, c // footprint.block_bytes) for c in capacities]
         if sum(resident_limits) >= footprint.num_layers:
-            blocks = _allocate_proportionally(footprint.num_layers, capacities, resident_limits)
+            blocks = blocks_per_device_by_memory(footprint.num_layers, capacities, resident_limits)
             swaps = [0] * len(blocks)
         else:
             swapper = max(range(len(candidates)), key=lambda i: capacities[i])

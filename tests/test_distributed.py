@@ -134,13 +134,18 @@ def test_runner_refuses_bad_devices_and_degrees(tmp_path):
 
 # --- four ranks, t2v, 6 heads ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def t2v_four_ranks(tmp_path_factory):
-    path, _, _ = make_tiny_checkpoint(tmp_path_factory.mktemp("dist") / "t2v.safetensors", "t2v", dim=96,
-                                      num_heads=6)
-    runner = DistributedWanRunner(path, [CPU] * 4, base_precision="fp32")
+def runner_and_plain_model(tmp_path_factory, model_type, num_heads, ranks):
+    """A CPU worker group on a tiny model (dim 96) and the same model in this process; shut down after."""
+    path, _, _ = make_tiny_checkpoint(tmp_path_factory.mktemp("dist") / f"{model_type}.safetensors", model_type,
+                                      dim=96, num_heads=num_heads)
+    runner = DistributedWanRunner(path, [CPU] * ranks, base_precision="fp32")
     yield runner, load_wan_model(path, CPU, "fp32")
     runner.shutdown()
+
+
+@pytest.fixture(scope="module")
+def t2v_four_ranks(tmp_path_factory):
+    yield from runner_and_plain_model(tmp_path_factory, "t2v", num_heads=6, ranks=4)
 
 
 @pytest.mark.parametrize("degrees", [
@@ -195,11 +200,7 @@ def test_four_ranks_sampling_equals_single_process(t2v_four_ranks):
 
 @pytest.fixture(scope="module")
 def i2v_two_ranks(tmp_path_factory):
-    path, _, _ = make_tiny_checkpoint(tmp_path_factory.mktemp("dist") / "i2v.safetensors", "i2v", dim=96,
-                                      num_heads=3)
-    runner = DistributedWanRunner(path, [CPU] * 2, base_precision="fp32")
-    yield runner, load_wan_model(path, CPU, "fp32")
-    runner.shutdown()
+    yield from runner_and_plain_model(tmp_path_factory, "i2v", num_heads=3, ranks=2)
 
 
 @pytest.mark.parametrize("degrees", [ParallelDegrees(1, 2, 1), ParallelDegrees(1, 1, 2), ParallelDegrees(2, 1, 1)],

@@ -137,17 +137,21 @@ def test_unusable_gpu_ids_are_dropped_with_a_warning(monkeypatch, caplog):
         parallel.resolve_devices([7])
 
 
-def test_out_of_memory_replica_is_dropped_and_replanned(tiny_checkpoints, reference, monkeypatch, caplog):
-    real = parallel._load_replica
-    attempts = []
+def fail_first_load(monkeypatch, loader_name, failing_device):
+    """Make parallel.<loader_name> run out of memory on `failing_device` once, then load for real."""
+    real, attempts = getattr(parallel, loader_name), []
 
-    def flaky(path, device, settings, info):
-        attempts.append(device)
+    def flaky(path, device_or_map, settings, info):
+        attempts.append(device_or_map)
         if len(attempts) == 1:
-            raise DeviceOutOfMemoryError("Out of memory on cpu:0 (injected)", device)
-        return real(path, device, settings, info)
+            raise DeviceOutOfMemoryError(f"Out of memory on {failing_device} (injected)", failing_device)
+        return real(path, device_or_map, settings, info)
 
-    monkeypatch.setattr(parallel, "_load_replica", flaky)
+    monkeypatch.setattr(parallel, loader_name, flaky)
+
+
+def test_out_of_memory_replica_is_dropped_and_replanned(tiny_checkpoints, reference, monkeypatch, caplog):
+    fail_first_load(monkeypatch, "_load_replica", torch.device("cpu", 0))
     devices = [torch.device("cpu", 0), torch.device("cpu", 1)]
     with caplog.at_level(logging.WARNING):
         pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "data_parallel", settings=SETTINGS,
@@ -173,16 +177,7 @@ def test_nothing_fits_gives_a_clear_error(tiny_checkpoints, monkeypatch):
 
 
 def test_block_distribution_drops_the_device_that_ran_out(tiny_checkpoints, reference, monkeypatch, caplog):
-    real = parallel._load_distributed
-    attempts = []
-
-    def flaky(path, device_map, settings, info):
-        attempts.append(device_map)
-        if len(attempts) == 1:
-            raise DeviceOutOfMemoryError("Out of memory on cpu:2 (injected)", torch.device("cpu", 2))
-        return real(path, device_map, settings, info)
-
-    monkeypatch.setattr(parallel, "_load_distributed", flaky)
+    fail_first_load(monkeypatch, "_load_distributed", torch.device("cpu", 2))
     devices = [torch.device("cpu", i) for i in range(3)]
     with caplog.at_level(logging.WARNING):
         pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "block_distribution",

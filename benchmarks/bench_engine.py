@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import LATENT_FRAMES, RESOLUTIONS, SIZES, build_ours, event_time_ms  # noqa: E402
+from bench_model import LATENT_FRAMES, RESOLUTIONS, build_ours, event_time_ms  # noqa: E402
 
 RESULTS = {}
 

@@ -8,8 +8,6 @@ import math
 import struct
 import sys
 
-import torch
-
 from wanvideo.checkpoint import build_meta_model
 
 SIZES = {"1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),

@@ -22,13 +22,7 @@ try:
 except ImportError:
     resource = None
 
-import multi_gpu_utils
-from wanvideo.checkpoint import inspect_checkpoint
-from wanvideo.latent_format import latent_frame_count, save_preview_animation
-from wanvideo.parallel.offload import BlockSwapSettings
-from wanvideo.pipeline import LoadSettings, load_pipeline
-from wanvideo.sampling import SCHEDULERS, Conditioning, make_noise
-from wanvideo.tiny import make_tiny_checkpoint
+from wanvideo import api
 
 
 def parse_args():
@@ -42,7 +36,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 30; tiny model: 8)")
     p.add_argument("--cfg", type=float, default=5.0, help="guidance scale; 1 skips the negative pass")
     p.add_argument("--shift", type=float, default=5.0, help="flow-matching timestep shift")
-    p.add_argument("--scheduler", default="unipc", choices=list(SCHEDULERS), help="flow solver")
+    p.add_argument("--scheduler", default="unipc", choices=list(api.SCHEDULERS), help="flow solver")
     p.add_argument("--seed", type=int, default=42, help="noise seed")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
                    help="base precision (default bf16 on GPU, fp32 on CPU)")
@@ -50,7 +44,7 @@ def parse_args():
     p.add_argument("--blocks-to-swap", type=int, default=0, help="blocks kept in pinned CPU memory (one GPU)")
     p.add_argument("--parallelism", default="none",
                    choices=["none", "auto", "data_parallel", "block_distribution", "distributed"],
-                   help="multi-GPU strategy; 'auto' asks multi_gpu_utils.setup_optimal_parallelism")
+                   help="multi-GPU strategy; 'auto' plans from the checkpoint and free memory")
     p.add_argument("--gpu-ids", default=None, help="GPUs to use, e.g. 0,1 (default: all)")
     p.add_argument("--device", default=None, help="device for a single-device run (default: cuda if present, else cpu)")
     p.add_argument("--output", default="output", help="folder for the preview and the latent")
@@ -81,14 +75,14 @@ def main():
     tiny_defaults(args)
     os.makedirs(args.output, exist_ok=True)
     print("GPUs:")
-    multi_gpu_utils.print_gpu_status()
+    api.print_gpu_status()
 
     path = args.model
     if path is None:
         path = os.path.join(args.output, "wan2.1_tiny_t2v.safetensors")
-        make_tiny_checkpoint(path, "t2v", text_dim=4096, num_layers=6)
+        api.make_tiny_checkpoint(path, "t2v", text_dim=4096, num_layers=6)
         print(f"\nBuilt-in tiny model written to {path}")
-    info = inspect_checkpoint(path)
+    info = api.inspect_checkpoint(path)
     print(f"Model: {info.summary()}")
     if info.model_type != "t2v":
         sys.exit("This example runs text-to-video; image-to-video runs through the ComfyUI workflow "
@@ -96,28 +90,24 @@ def main():
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    settings = LoadSettings(base_precision=precision, quantization=args.quantization,
-                            block_swap=BlockSwapSettings(blocks_to_swap=args.blocks_to_swap)
+    settings = api.LoadSettings(base_precision=precision, quantization=args.quantization,
+                            block_swap=api.BlockSwapSettings(blocks_to_swap=args.blocks_to_swap)
                             if args.blocks_to_swap else None)
     started = time.perf_counter()
-    if args.parallelism == "none":
-        pipeline = load_pipeline(path, device, settings)
-    else:
-        from wanvideo.parallel import load_parallel_pipeline
-        pipeline = load_parallel_pipeline(path, args.parallelism, args.gpu_ids, settings,
-                                          width=args.width, height=args.height, num_frames=args.frames)
+    pipeline = api.load(path, args.parallelism, args.gpu_ids, settings, device=device,
+                        width=args.width, height=args.height, num_frames=args.frames)
     load_seconds = time.perf_counter() - started
     print(f"\nLoaded in {load_seconds:.1f} s:\n{pipeline.describe()}\n")
 
     generator = torch.Generator().manual_seed(args.seed)
     positive, negative = load_text(args, info.config["text_dim"], generator)
-    shape = (1, 16, latent_frame_count(args.frames), args.height // 8, args.width // 8)
-    noise = make_noise(shape, args.seed)
+    shape = (1, 16, api.latent_frame_count(args.frames), args.height // 8, args.width // 8)
+    noise = api.make_noise(shape, args.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with multi_gpu_utils.monitor_memory_usage(interval=0.2) as usage:
+    with api.monitor_memory_usage(interval=0.2) as usage:
         started = time.perf_counter()
-        latents = pipeline.generate(noise, Conditioning([positive]), Conditioning([negative]), steps=args.steps,
+        latents = pipeline.generate(noise, api.Conditioning([positive]), api.Conditioning([negative]), steps=args.steps,
                                     cfg=args.cfg, shift=args.shift, scheduler=args.scheduler)
         seconds = time.perf_counter() - started
     print(f"\nSampled {args.steps} steps of a {args.width}x{args.height}, {args.frames}-frame video "
@@ -131,9 +121,8 @@ def main():
 
     latent_path = os.path.join(args.output, "latent.safetensors")
     from safetensors.torch import save_file
-    from wanvideo.latent_format import denormalize_latents
-    save_file({"latent": denormalize_latents(latents.cpu()).contiguous()}, latent_path)
-    preview = save_preview_animation(latents[0], os.path.join(args.output, "preview.gif"))
+    save_file({"latent": api.denormalize_latents(latents.cpu()).contiguous()}, latent_path)
+    preview = api.save_preview_animation(latents[0], os.path.join(args.output, "preview.gif"))
     print(f"Wrote {preview} (latent preview) and {latent_path} (raw VAE latent for ComfyUI's VAEDecode)")
     pipeline.unload()
 

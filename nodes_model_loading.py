@@ -3,12 +3,9 @@ strategy, and the block swap, LoRA and compile settings that feed both."""
 import logging
 import weakref
 
-import comfy_host
-from nodes_sampler import MODEL_TYPE
-from wanvideo.modules.attention import available_backends
-from wanvideo.parallel.offload import BlockSwapSettings
-from wanvideo.pipeline import LoadSettings, load_pipeline
-from wanvideo.quantization import QUANTIZATION_MODES
+from . import comfy_host
+from .nodes_sampler import MODEL_TYPE
+from .wanvideo import api
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +28,14 @@ class WanMultiGPUModelLoader:
                 "base_precision": (["bf16", "fp16", "fp32"], {
                     "default": "bf16", "tooltip": "Precision of the computation and of the weights that are not "
                                                   "quantized. bf16 is Wan's own; fp32 needs twice the memory."}),
-                "quantization": (list(QUANTIZATION_MODES), {
+                "quantization": (list(api.QUANTIZATION_MODES), {
                     "default": "disabled", "tooltip": "Store the transformer blocks' large weights in fp8: half the "
                                                       "memory of bf16, small quality cost. fp8_e4m3fn is the more "
                                                       "precise; '_fast' variants also compute in fp8 on GPUs that support it."}),
                 "load_device": (["main_device", "offload_device"], {
                     "default": "main_device", "tooltip": "Where the weights rest between runs: on the GPU (fastest), or "
                                                          "in CPU memory, moved to the GPU for each run."}),
-                "attention_mode": (available_backends(), {
+                "attention_mode": (api.ATTENTION_MODES(), {
                     "default": "sdpa", "tooltip": "Attention implementation: PyTorch SDPA, or flash-attn / "
                                                   "SageAttention where installed."}),
             },
@@ -59,7 +56,7 @@ class WanMultiGPUModelLoader:
     @staticmethod
     def settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora=None,
                              block_swap_args=None, compile_args=None):
-        return LoadSettings(base_precision=base_precision, quantization=quantization, attention_mode=attention_mode,
+        return api.LoadSettings(base_precision=base_precision, quantization=quantization, attention_mode=attention_mode,
                             load_device=load_device, loras=list(lora or []), block_swap=block_swap_args,
                             compile_args=compile_args)
 
@@ -82,7 +79,8 @@ class WanMultiGPUModelLoader:
         settings = self.settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora,
                                              block_swap_args, compile_args)
         self.release_previous()
-        pipeline = load_pipeline(path, comfy_host.main_device(), settings, offload_device=comfy_host.offload_device())
+        pipeline = api.load(path, "none", settings=settings, device=comfy_host.main_device(),
+                            offload_device=comfy_host.offload_device())
         return (self.remember(pipeline),)
 
 
@@ -94,7 +92,7 @@ class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
     def INPUT_TYPES(cls):
         inputs = super().INPUT_TYPES()
         inputs["required"].update({
-            "parallelism_type": (["auto", "none", "data_parallel", "block_distribution", "distributed"], {
+            "parallelism_type": (list(api.PARALLELISM_CHOICES), {
                 "default": "auto", "tooltip": "auto: chosen from the checkpoint and the GPUs' free memory. "
                                               "data_parallel: a copy per GPU, CFG branches run side by side (speed, "
                                               "model must fit each GPU). block_distribution: blocks split across GPUs "
@@ -106,8 +104,11 @@ class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
                                                                 "dropped with a warning."}),
             "enable_block_distribution": ("BOOLEAN", {
                 "default": True, "tooltip": "Allow splitting blocks across the GPUs when the model fits no single "
-                                            "GPU (data_parallel then falls back to block distribution) and pipeline "
-                                            "CFG branches across the stages."}),
+                                            "GPU: data_parallel then falls back to block distribution."}),
+            "pipeline_cfg_branches": ("BOOLEAN", {
+                "default": True, "tooltip": "block_distribution: run CFG's cond and uncond as two micro-batches "
+                                            "pipelined across the GPUs (both GPUs busy at once). Off: the stages "
+                                            "take the whole batch in turn."}),
             "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16,
                               "tooltip": "Planned video width: sizes the activation reserve for 'auto' and the "
                                          "block split."}),
@@ -124,36 +125,23 @@ class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
                    "went to which GPU and the memory each holds.")
 
     def load(self, model, base_precision, quantization, load_device, attention_mode, parallelism_type="auto",
-             gpu_ids="0,1", enable_block_distribution=True, width=832, height=480, num_frames=81, lora=None,
-             block_swap_args=None, compile_args=None):
-        from multi_gpu_utils import validate_gpu_setup
-        from wanvideo.parallel import load_parallel_pipeline
+             gpu_ids="0,1", enable_block_distribution=True, pipeline_cfg_branches=True, width=832, height=480,
+             num_frames=81, lora=None, block_swap_args=None, compile_args=None):
         path = comfy_host.model_file_path("diffusion_models", model)
         settings = self.settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora,
                                              block_swap_args, compile_args)
-        is_valid, message = validate_gpu_setup(gpu_ids) if gpu_ids.strip() else (True, "")
+        is_valid, message = api.validate_gpu_setup(gpu_ids) if gpu_ids.strip() else (True, "")
         if not is_valid:
             logger.warning("GPU check: %s", message)
         if load_device == "offload_device":
             logger.info("load_device 'offload_device' applies to single-GPU loads; the strategy places the weights.")
         self.release_previous()
-        pipeline = load_parallel_pipeline(path, parallelism_type, gpu_ids, settings, width=width, height=height,
-                                          num_frames=num_frames, enable_block_distribution=enable_block_distribution,
-                                          pipeline_branches=enable_block_distribution)
-        plan = pipeline.describe() + "\n" + _memory_per_device()
+        pipeline = api.load(path, parallelism_type, gpu_ids, settings, width=width, height=height,
+                            num_frames=num_frames, enable_block_distribution=enable_block_distribution,
+                            pipeline_branches=pipeline_cfg_branches)
+        plan = pipeline.describe() + "\n" + api.memory_per_device()
         logger.info("Multi-GPU plan:\n%s", plan)
         return (self.remember(pipeline), plan)
-
-
-def _memory_per_device():
-    import torch
-    if not torch.cuda.is_available():
-        return "no GPU: running on the CPU"
-    lines = []
-    for index in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(index)
-        lines.append(f"cuda:{index}: {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use")
-    return "\n".join(lines)
 
 
 class WanMultiGPUBlockSwap:
@@ -182,7 +170,7 @@ class WanMultiGPUBlockSwap:
     DESCRIPTION = "Block swap to pinned CPU memory with prefetch, for models larger than the GPU."
 
     def settings(self, blocks_to_swap, prefetch_blocks, use_non_blocking, offload_txt_emb, offload_img_emb):
-        return (BlockSwapSettings(blocks_to_swap=blocks_to_swap, prefetch_blocks=prefetch_blocks,
+        return (api.BlockSwapSettings(blocks_to_swap=blocks_to_swap, prefetch_blocks=prefetch_blocks,
                                   use_non_blocking=use_non_blocking, offload_txt_emb=offload_txt_emb,
                                   offload_img_emb=offload_img_emb),)
 

@@ -4,11 +4,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-import comfy_host
-from wanvideo.latent_format import (LATENT_CHANNELS, SPATIAL_COMPRESSION, denormalize_latents, latent_frame_count,
-                                    normalize_latents)
-from wanvideo.modules.model import CLIP_DIM, CLIP_TOKENS
-from wanvideo.sampling import SCHEDULERS, Conditioning, make_noise
+from . import comfy_host
+from .wanvideo.api import (CLIP_DIM, CLIP_TOKENS, LATENT_CHANNELS, SCHEDULERS, SPATIAL_COMPRESSION, Conditioning,
+                           denormalize_latents, latent_frame_count, make_noise, normalize_latents)
 
 logger = logging.getLogger(__name__)
 

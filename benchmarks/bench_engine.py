@@ -48,7 +48,7 @@ def inputs(resolution="480p", batch=1, latent_frames=LATENT_FRAMES):
 
 def bench_swap(cases=(("14B", 30, 21, (1, 2)), ("1.3B", 30, 21, (1, 2)))):
     """cases: (size, blocks swapped, latent frames, prefetch settings)."""
-    from wanvideo.parallel.offload import BlockSwapSettings, enable_block_swap
+    from wanvideo.engine import BlockSwapSettings, enable_block_swap
     for size, blocks, latent_frames, prefetches in cases:
         x, t, context = inputs(latent_frames=latent_frames)
         model = build_ours(size)
@@ -84,7 +84,8 @@ def _fp8_block(block, mode):
     """A copy of `block` whose Linears are FP8Linear (storage), with the fast path on or off."""
     import copy
     import torch.nn as nn
-    from wanvideo.quantization import FP8Linear, quantize_weight, set_fp8_fast
+    from wanvideo.engine import set_fp8_fast
+    from wanvideo.quantization import FP8Linear, quantize_weight
     block = copy.deepcopy(block)
     for name, module in list(block.named_modules()):
         if isinstance(module, nn.Linear) and not isinstance(module, FP8Linear):
@@ -121,7 +122,7 @@ def bench_fp8_and_compile(parts):
                 del fp8_block
             record("fp8_14B_block_480p", **row)
         if "compile" in parts:
-            from wanvideo.compile import compile_blocks
+            from wanvideo.engine import compile_blocks
             started = time.perf_counter()
             compile_blocks(model)
             block(tokens, ctx)
@@ -146,7 +147,7 @@ def write_random_checkpoint(path, size):
 def bench_paths():
     from wanvideo.parallel import load_parallel_pipeline
     from wanvideo.pipeline import LoadSettings, load_pipeline
-    from wanvideo.parallel.offload import BlockSwapSettings
+    from wanvideo.engine import BlockSwapSettings
     from wanvideo.sampling import Conditioning, make_noise
     path = "/tmp/wan_1.3B_random.safetensors"
     write_random_checkpoint(path, "1.3B")

@@ -1,11 +1,14 @@
 """Every strategy on 2, 4 and 8 GPUs against one GPU, in one call (issue "Measure every strategy").
 
 For each case, a random real-size bf16 checkpoint is written once; each configuration is loaded
-(time to first step measured), runs warm-up + timed denoising steps with cfg 5 on the same seed,
-and is compared with the one-GPU output of the same call (relative L2 error). GPU memory per card
-comes from NVML (worker processes included). Writes multi_gpu.json and multi_gpu.png to $OUT.
+(time to first step measured: load, worker start and one step), runs timed denoising steps with
+cfg 5 on the same seed, and is compared with the one-GPU output of the same call (relative L2
+error). Cases ending in `_cfg1` run at guidance scale 1 (distilled models: no uncond branch, so
+only sequence parallelism can help). GPU memory per card comes from NVML (worker processes
+included). Writes multi_gpu.json and multi_gpu.png to $OUT.
 
-    python benchmarks/bench_multi_gpu.py                   # every GPU of the machine
+    python benchmarks/bench_multi_gpu.py                   # every GPU of the machine, every case
+    python benchmarks/bench_multi_gpu.py --cases 14B_720p,14B_720p_cfg1
     python benchmarks/bench_multi_gpu.py --dry-run         # tiny model on CPU devices (gloo): checks the script
 """
 import argparse
@@ -21,7 +24,7 @@ import multi_gpu_utils  # noqa: E402
 from wanvideo.latent_format import latent_frame_count  # noqa: E402
 from wanvideo.parallel import load_parallel_pipeline  # noqa: E402
 from wanvideo.pipeline import LoadSettings, load_pipeline  # noqa: E402
-from wanvideo.parallel.offload import BlockSwapSettings  # noqa: E402
+from wanvideo.engine import BlockSwapSettings  # noqa: E402
 from wanvideo.sampling import Conditioning, make_noise  # noqa: E402
 
 SIZES = {"1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
@@ -30,6 +33,8 @@ RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 48)}
 
 
 def write_checkpoint(size, path, dry_run):
+    if os.path.exists(path):  # one random checkpoint per size and call, shared by its cases
+        return path
     if dry_run:
         from wanvideo.tiny import make_tiny_checkpoint
         make_tiny_checkpoint(path, "t2v", text_dim=4096, num_heads=6, dim=96)
@@ -46,11 +51,12 @@ def write_checkpoint(size, path, dry_run):
     return path
 
 
-def run_config(name, build, noise, positive, negative, steps, reference, rows, devices):
+def run_config(name, build, noise, positive, negative, steps, reference, rows, devices, cfg=5.0):
     started = time.perf_counter()
     try:
         pipeline = build()
-        run = lambda n: pipeline.generate(noise, positive, negative, steps=n, cfg=5.0, shift=5.0, progress=False)
+        load_s = time.perf_counter() - started
+        run = lambda n: pipeline.generate(noise, positive, negative, steps=n, cfg=cfg, shift=5.0, progress=False)
         run(1)  # warm-up: compiles the fused kernels for this shape, starts every worker
         first_step_s = time.perf_counter() - started
         with multi_gpu_utils.monitor_memory_usage(interval=0.2) as memory:
@@ -62,7 +68,7 @@ def run_config(name, build, noise, positive, negative, steps, reference, rows, d
         rows.append(dict(config=name, error=repr(error)))
         print(json.dumps(rows[-1]), flush=True)
         return None
-    row = dict(config=name, gpus=len(devices), step_s=step_s, first_step_s=first_step_s,
+    row = dict(config=name, gpus=len(devices), cfg=cfg, step_s=step_s, load_s=load_s, first_step_s=first_step_s,
                peak_GiB={str(k): v / 2**30 for k, v in memory.peak_bytes.items()})
     if reference is not None:
         row["rel_err_vs_1gpu"] = ((out - reference).norm() / reference.norm()).item()
@@ -71,18 +77,18 @@ def run_config(name, build, noise, positive, negative, steps, reference, rows, d
     return out
 
 
-def bench_case(size, resolution, strategies, gpu_counts, steps, dry_run, rows):
-    path = write_checkpoint(size, f"/tmp/wan_{size}_random.safetensors", dry_run)
+def bench_case(size, resolution, strategies, gpu_counts, steps, dry_run, rows, cfg=5.0):
+    path = write_checkpoint(size, f"/tmp/wan_{size}_random{'_tiny' if dry_run else ''}.safetensors", dry_run)
     width, height = RESOLUTIONS["tiny" if dry_run else resolution]
     noise = make_noise((1, 16, latent_frame_count(81 if not dry_run else 9), height // 8, width // 8), seed=1)
     g = torch.Generator().manual_seed(2)
     positive, negative = Conditioning([torch.randn(40, 4096, generator=g)]), Conditioning([torch.randn(20, 4096, generator=g)])
     settings = LoadSettings(base_precision="fp32" if dry_run else "bf16")
     device = lambda i: torch.device("cpu") if dry_run else torch.device("cuda", i)
-    case = f"{size}_{resolution}"
+    case = f"{size}_{resolution}" + ("_cfg1" if cfg == 1 else "")
     one = [device(0)]
     reference = run_config(f"{case} 1 GPU", lambda: load_pipeline(path, one[0], settings), noise, positive, negative,
-                           steps, None, rows, one)
+                           steps, None, rows, one, cfg)
     for strategy in strategies:
         for count in gpu_counts:
             devices = [device(i) for i in range(count)]
@@ -92,12 +98,12 @@ def bench_case(size, resolution, strategies, gpu_counts, steps, dry_run, rows):
             run_config(f"{case} {strategy} x{count}",
                        lambda: load_parallel_pipeline(path, name, settings=settings, devices=devices,
                                                       width=width, height=height, **kwargs),
-                       noise, positive, negative, steps, reference, rows, devices)
+                       noise, positive, negative, steps, reference, rows, devices, cfg)
     if "block_distribution" in strategies:
         swapped = 2 if dry_run else 20
         run_config(f"{case} 1 GPU + block swap {swapped}", lambda: load_pipeline(path, one[0], LoadSettings(
             base_precision=settings.base_precision, block_swap=BlockSwapSettings(blocks_to_swap=swapped))),
-            noise, positive, negative, steps, reference, rows, one)
+            noise, positive, negative, steps, reference, rows, one, cfg)
 
 
 def chart(rows, path):
@@ -124,17 +130,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU devices: checks the script")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--cases", default="14B_720p,1.3B_480p,14B_480p")
+    parser.add_argument("--cases", default="14B_720p,14B_720p_cfg1,1.3B_480p,1.3B_480p_cfg1,14B_480p,14B_480p_cfg1")
     args = parser.parse_args()
     available = 4 if args.dry_run else torch.cuda.device_count()
     counts = [n for n in (2, 4, 8) if n <= available]
     plans = {"14B_720p": ["distributed"], "1.3B_480p": ["data_parallel", "distributed"],
-             "14B_480p": ["block_distribution", "block_distribution_no_pipeline"]}
+             "14B_480p": ["block_distribution", "block_distribution_no_pipeline"],
+             # cfg 1: one branch, so only sequence parallelism (Ulysses / ring) splits the work
+             "14B_720p_cfg1": ["distributed"], "1.3B_480p_cfg1": ["distributed"], "14B_480p_cfg1": ["distributed"]}
     rows = []
     for case in args.cases.split(","):
-        size, resolution = case.split("_")
-        case_counts = [2] if case == "14B_480p" or (plans[case] == ["data_parallel"]) else counts
-        bench_case(size, resolution, plans[case], case_counts if counts else [], args.steps, args.dry_run, rows)
+        if case not in plans:
+            parser.error(f"unknown case {case!r}; choose from {', '.join(plans)}")
+        size, resolution = case.split("_")[:2]
+        case_counts = [2] if case == "14B_480p" else counts
+        bench_case(size, resolution, plans[case], case_counts if counts else [], args.steps, args.dry_run, rows,
+                   cfg=1.0 if case.endswith("_cfg1") else 5.0)
     out = os.environ.get("OUT", "benchmarks/out")
     os.makedirs(out, exist_ok=True)
     info = dict(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -4,8 +4,8 @@ import torch
 from wanvideo.tiny import make_tiny_checkpoint
 from wanvideo.pipeline import LoadSettings, load_pipeline
 from wanvideo.parallel import load_parallel_pipeline
-from wanvideo.parallel.offload import BlockSwapSettings
-from wanvideo.quantization import fp8_fast_active
+from wanvideo.engine import BlockSwapSettings
+from wanvideo.engine import fp8_fast_active
 from wanvideo.sampling import Conditioning, make_noise
 path = make_tiny_checkpoint("/tmp/tiny.safetensors", "t2v", dim=128, num_heads=4, ffn_dim=256)[0]
 noise = make_noise((1, 16, 3, 8, 8), 0)

@@ -109,14 +109,14 @@ def test_merging_partial_attentions_over_key_chunks_equals_full_attention():
 def test_request_travels_as_safetensors_bytes():
     x, positive, _ = _inputs("i2v")
     negative = Conditioning([torch.randn(3, 32)], clip_fea=torch.randn(1, 257, 1280))
-    request = detached_request(kind="sample", request_id=7, degrees=ParallelDegrees(2, 1, 3), noise=x,
+    request = detached_request(kind="sample", request_id=7, degrees=ParallelDegrees(2, 1, 3), latents=x,
                                positive=positive, negative=negative, cfg=4.5, steps=9, scheduler="euler")
     back = decode_request(encode_request(request))
     assert (back.kind, back.request_id, back.degrees, back.cfg, back.steps, back.scheduler) == \
            ("sample", 7, ParallelDegrees(2, 1, 3), 4.5, 9, "euler")
-    assert torch.equal(back.noise, x) and torch.equal(back.positive.y, positive.y)
-    ragged = decode_request(encode_request(detached_request(kind="forward", noise=[x[0], x[0, :, :2]])))
-    assert [tuple(u.shape) for u in ragged.noise] == [(16, 3, 6, 10), (16, 2, 6, 10)]
+    assert torch.equal(back.latents, x) and torch.equal(back.positive.y, positive.y)
+    ragged = decode_request(encode_request(detached_request(kind="forward", latents=[x[0], x[0, :, :2]])))
+    assert [tuple(u.shape) for u in ragged.latents] == [(16, 3, 6, 10), (16, 2, 6, 10)]
     assert torch.equal(back.positive.context[0], positive.context[0])
     assert torch.equal(back.negative.clip_fea, negative.clip_fea) and back.negative.y is None
     assert back.init_latent is None and back.timestep is None
@@ -130,6 +130,18 @@ def test_runner_refuses_bad_devices_and_degrees(tmp_path):
         DistributedWanRunner(path, [CPU, torch.device("meta")])
     with pytest.raises(ValueError, match="3 ranks"):
         DistributedWanRunner(path, [CPU] * 3, degrees=ParallelDegrees(2, 1, 1))
+
+
+def test_worker_devices_are_read_by_the_one_parser_and_checked_for_a_group():
+    from wanvideo.parallel.distributed.workers import _as_devices
+    assert _as_devices("cpu,cpu") == [CPU, CPU] and _as_devices([CPU, "cpu"]) == [CPU, CPU]
+    with pytest.raises(ValueError, match="list a GPU twice"):
+        _as_devices("0,cuda:0")
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(ValueError, match="cannot see"):
+            _as_devices([7])
+    with pytest.raises(ValueError, match="not a device"):
+        _as_devices("cpu,gpu0")
 
 
 # --- four ranks, t2v, 6 heads ------------------------------------------------------------------------
@@ -352,7 +364,9 @@ def test_torchrun_workers_serve_requests(tmp_path):
                "--checkpoint", str(path), "--device", "cpu", "--precision", "fp32",
                "--serve-host", "127.0.0.1", "--serve-port", str(serve_port)]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
-    job = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A session of its own, so a failed check can end the ranks too, not only the torchrun agent.
+    job = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           start_new_session=True)
     try:
         client = TorchrunWanClient("127.0.0.1", serve_port, connect_timeout_s=60, step_timeout_s=60)
         assert client.world_size == 2
@@ -360,15 +374,36 @@ def test_torchrun_workers_serve_requests(tmp_path):
         out = client.sample(x, positive, negative, steps=2, cfg=4.0, shift=3.0)  # cfg 2 x ulysses 1 x ring 1
         ring = client.forward(x, torch.tensor([300.0]), positive, negative, cfg=4.0,
                               degrees=ParallelDegrees(1, 1, 2))
+        # The shared client's checks: bad requests fail here, and the job keeps serving.
+        assert client.degrees_for(4.0) == ParallelDegrees(2, 1, 1) and client.served.in_dim == 16
+        with pytest.raises(ValueError, match="needs a negative Conditioning"):
+            client.sample(x, positive, None, steps=2, cfg=4.0)
+        with pytest.raises(ValueError, match="divide by the patch size"):
+            client.sample(x[:, :, :, :5], positive, negative, steps=2)
+        with pytest.raises(ValueError, match=r"\[B, 16, F, H, W\]"):
+            client.forward(x[:, :8], torch.tensor([300.0]), positive)
+        with pytest.raises(ValueError, match=r"2 x 2 x 1 = 4.*2 ranks"):
+            client.forward(x, torch.tensor([300.0]), positive, degrees=ParallelDegrees(2, 2, 1))
+
+        def ctrl_c(step, total, x0):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):  # the cancelled run must not hold up the next one
+            client.sample(x, positive, negative, steps=100_000, cfg=4.0, scheduler="euler", callback=ctrl_c)
+        began = time.monotonic()
+        again = client.sample(x, positive, negative, steps=2, cfg=4.0, shift=3.0)
+        assert time.monotonic() - began < 30
         client.shutdown_workers()
         assert job.wait(timeout=60) == 0, job.stderr.read().decode()[-3000:]
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        job.wait()
     model = load_wan_model(path, CPU, "fp32")
     with torch.no_grad():
         expected = sample_video(model, x, positive, negative, steps=2, cfg=4.0, shift=3.0, progress=False)
-    assert relative_error(out, expected) < TOLERANCE
+    assert relative_error(out, expected) < TOLERANCE and relative_error(again, expected) < TOLERANCE
     t = torch.tensor([300.0])
     assert relative_error(ring, _reference_velocity(model, x, t, positive, negative, 4.0)) < TOLERANCE

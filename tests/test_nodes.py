@@ -7,8 +7,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import comfy_host
-import nodes_sampler
 from conftest import relative_error
 from known_node_ids import COMFY_API_WAN_NODE_IDS, COMFY_CORE_NODE_IDS, WANVIDEOWRAPPER_NODE_IDS
 from wanvideo.latent_format import LATENTS_MEAN, LATENTS_STD, normalize_latents
@@ -29,6 +27,7 @@ def load_package():
 
 
 PACKAGE = load_package()
+comfy_host, nodes_sampler = PACKAGE.comfy_host, PACKAGE.nodes_sampler
 
 
 @pytest.fixture()
@@ -197,10 +196,9 @@ def test_video_to_video_needs_a_latent(models_folder):
 @pytest.mark.parametrize("strategy", ["data_parallel", "block_distribution"])
 def test_multi_gpu_loader_node(models_folder, monkeypatch, strategy):
     """The documented node on two CPU 'devices' gives the standard loader's video and shows its plan."""
-    import multi_gpu_utils
-    import wanvideo.parallel as parallel
-    monkeypatch.setattr(parallel, "resolve_devices", lambda gpu_ids, devices=None: [torch.device("cpu")] * 2)
-    monkeypatch.setattr(multi_gpu_utils, "validate_gpu_setup", lambda gpu_ids: (True, "ok"))
+    load_module = sys.modules[f"{PACKAGE.__name__}.wanvideo.parallel.load"]  # the pack's own copy of the library
+    monkeypatch.setattr(load_module, "resolve_devices", lambda gpu_ids, devices=None: [torch.device("cpu")] * 2)
+    monkeypatch.setattr(PACKAGE.wanvideo.api, "validate_gpu_setup", lambda gpu_ids: (True, "ok"))
     node = PACKAGE.NODE_CLASS_MAPPINGS["WanVideoMultiGPULoader"]()
     required = node.INPUT_TYPES()["required"]
     assert required["parallelism_type"][1]["default"] == "auto" and required["gpu_ids"][1]["default"] == "0,1"
@@ -230,4 +228,4 @@ def test_reloading_unloads_the_previous_model(models_folder):
     loader = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUModelLoader"]()
     (first,) = loader.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa")
     (second,) = loader.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa")
-    assert first.model is None and second.model is not None
+    assert first.denoiser is None and second.denoiser is not None

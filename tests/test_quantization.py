@@ -1,5 +1,6 @@
 """fp8 storage error, the fp8 matmul fast path (its math on CPU, its fallback), and per-block torch.compile."""
 import copy
+import functools
 import logging
 
 import pytest
@@ -8,10 +9,10 @@ import torch.nn as nn
 
 from conftest import relative_error
 from wanvideo import load_wan_model
-from wanvideo import quantization
-from wanvideo.compile import compile_blocks, is_block_compiled, uncompile_blocks
-from wanvideo.quantization import (FP8_DTYPES, QUANTIZATION_MODES, FP8Linear, fp8_fast_active, fp8_fast_supported,
-                                   fp8_scaled_linear, quantize_input_fp8, quantize_weight, set_fp8_fast)
+from wanvideo.engine import compile_blocks, fp8_fast, is_block_compiled, uncompile_blocks
+from wanvideo.engine.fp8_fast import (fp8_fast_active, fp8_fast_supported, fp8_scaled_linear, quantize_input_fp8,
+                                      set_fp8_fast)
+from wanvideo.quantization import FP8_DTYPES, QUANTIZATION_MODES, FP8Linear, quantize_weight
 
 E4M3 = torch.float8_e4m3fn
 E4M3_EPS = torch.finfo(E4M3).eps  # 2^-3: e4m3 keeps 3 mantissa bits
@@ -125,7 +126,7 @@ def test_fast_supported_says_why_not():
 def test_fallback_on_cpu_keeps_upcast_result_and_logs_once(tiny_checkpoints, caplog):
     model = load_wan_model(tiny_checkpoints["t2v"][0], base_precision="fp32", quantization="fp8_e4m3fn_fast")
     before = forward_once(model)
-    with caplog.at_level(logging.INFO, logger="wanvideo.quantization"):
+    with caplog.at_level(logging.INFO, logger="wanvideo.engine.fp8_fast"):
         assert set_fp8_fast(model, True) is False
     [record] = caplog.records
     assert record.levelno == logging.WARNING and "upcast" in record.getMessage() and "cpu" in record.getMessage()
@@ -138,7 +139,7 @@ def test_fast_flag_needs_a_cuda_weight():
     layer = fp8_linear(32, 16, seed=3)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     upcast = layer(x)
-    layer.fp8_fast = True
+    layer.fast_linear = functools.partial(fp8_scaled_linear, input_scaling="row")
     assert torch.equal(layer(x), upcast)
     expected = x.float() @ layer.dequantized_weight(torch.float32).T + layer.bias
     assert relative_error(upcast, expected) < 2 ** -7
@@ -146,19 +147,19 @@ def test_fast_flag_needs_a_cuda_weight():
 
 def test_set_fp8_fast_rules_when_the_device_is_capable(monkeypatch, caplog):
     """With a capable device pretended, the flags follow the weight dtype and the 16-alignment rule."""
-    monkeypatch.setattr(quantization, "fp8_fast_supported", lambda device: (True, ""))
-    monkeypatch.setattr(quantization, "_probe_scaled_mm", lambda device, scaling: scaling == "tensor")
+    monkeypatch.setattr(fp8_fast, "fp8_fast_supported", lambda device: (True, ""))
+    monkeypatch.setattr(fp8_fast, "_probe_scaled_mm", lambda device, scaling: scaling == "tensor")
     model = nn.Sequential(fp8_linear(32, 48), fp8_linear(24, 32), nn.Linear(8, 8))
-    with caplog.at_level(logging.INFO, logger="wanvideo.quantization"):
+    with caplog.at_level(logging.INFO, logger="wanvideo.engine.fp8_fast"):
         assert set_fp8_fast(model, True, device="cpu") is True
     assert model[0].fp8_fast and not model[1].fp8_fast  # 24 is not a multiple of 16
-    assert model[0].fp8_input_scaling == "tensor"      # no row-wise kernel: one scale per tensor
+    assert model[0].fast_linear.keywords["input_scaling"] == "tensor"  # no row-wise kernel: one scale per tensor
     assert any("row-wise" in r.getMessage() for r in caplog.records)
     assert set_fp8_fast(model, False) is False and not fp8_fast_active(model)
 
     e5m2 = nn.Sequential(fp8_linear(32, 48, fp8_dtype=torch.float8_e5m2))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="wanvideo.quantization"):
+    with caplog.at_level(logging.WARNING, logger="wanvideo.engine.fp8_fast"):
         assert set_fp8_fast(e5m2, True, device="cpu") is False
     [record] = caplog.records
     assert "float8_e5m2" in record.getMessage() and not fp8_fast_active(e5m2)
@@ -168,7 +169,7 @@ def test_set_fp8_fast_rules_when_the_device_is_capable(monkeypatch, caplog):
 
 def test_set_fp8_fast_without_fp8_layers(tiny_checkpoints, caplog):
     model = load_wan_model(tiny_checkpoints["t2v"][0], base_precision="fp32")
-    with caplog.at_level(logging.WARNING, logger="wanvideo.quantization"):
+    with caplog.at_level(logging.WARNING, logger="wanvideo.engine.fp8_fast"):
         assert set_fp8_fast(model, True) is False
     assert "no fp8 layers" in caplog.records[0].getMessage()
 

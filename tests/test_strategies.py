@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import wanvideo.parallel as parallel
+import wanvideo.parallel.load as parallel_load
 from conftest import relative_error
 from wanvideo.checkpoint import load_wan_model
 from wanvideo.devices import DeviceOutOfMemoryError
-from wanvideo.modules.model import WanModel, distribute_model_blocks, get_available_gpus, setup_multi_gpu_parallelism
+from wanvideo.gpus import discovery
+from wanvideo.parallel import MultiGPUWanModel, distribute_model_blocks, get_available_gpus, setup_multi_gpu_parallelism
 from wanvideo.parallel.block_distribution import PipelinedBlockRunner, blocks_per_device_by_memory
 from wanvideo.pipeline import LoadSettings, load_pipeline
 from wanvideo.sampling import Conditioning, make_noise
@@ -56,7 +58,7 @@ def test_strategy_matches_single_device(tiny_checkpoints, reference, model_type,
     pipeline = parallel.load_parallel_pipeline(tiny_checkpoints[model_type][0], strategy, settings=SETTINGS,
                                                devices=devices, **kwargs)
     assert relative_error(generate(pipeline, model_type, batch), reference[model_type, batch]) <= 1e-5
-    assert pipeline.model.prefers_batched_cfg is kwargs.get("pipeline_branches", True)
+    assert pipeline.denoiser.prefers_batched_cfg is kwargs.get("pipeline_branches", True)
     description = pipeline.describe()
     assert ("replica" in description) if strategy == "data_parallel" else ("blocks 0-" in description)
     pipeline.unload()
@@ -98,9 +100,9 @@ def test_documented_model_arguments_and_functions(tiny_checkpoints):
     model = load_wan_model(path, base_precision="fp32")
     model.parallelism_type, model.gpu_ids = "block_distribution", None
     with torch.device("meta"):
-        assert WanModel(parallelism_type="data_parallel", gpu_ids=[0, 1]).gpu_ids == [0, 1]
+        assert MultiGPUWanModel(parallelism_type="data_parallel", gpu_ids=[0, 1]).gpu_ids == [0, 1]
         with pytest.raises(ValueError, match="'pipeline' is not one of"):
-            WanModel(parallelism_type="pipeline")
+            MultiGPUWanModel(parallelism_type="pipeline")
     distributed = setup_multi_gpu_parallelism(model, devices=[CPU, CPU])
     replicas = setup_multi_gpu_parallelism(load_wan_model(path, base_precision="fp32"), "data_parallel",
                                            devices=[CPU, CPU])
@@ -112,11 +114,18 @@ def test_documented_model_arguments_and_functions(tiny_checkpoints):
         for strategy in (distributed, replicas):
             for out, ref in zip(strategy(x, t, ctx), expected):
                 assert relative_error(out, ref) <= 1e-5
-    assert get_available_gpus() == ([] if not torch.cuda.is_available() else get_available_gpus())
     with pytest.raises(ValueError, match="load_parallel_pipeline"):
         setup_multi_gpu_parallelism(plain, "distributed", devices=[CPU])
     with pytest.raises(ValueError, match="at least one block"):
         distribute_model_blocks(load_wan_model(path, base_precision="fp32"), [CPU, CPU], [4, 0])
+
+
+def test_available_gpus_follow_what_torch_sees(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert get_available_gpus() == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert get_available_gpus() == [0, 1, 2]
 
 
 def test_blocks_split_in_proportion_to_memory():
@@ -129,7 +138,7 @@ def test_blocks_split_in_proportion_to_memory():
 
 
 def test_unusable_gpu_ids_are_dropped_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(parallel, "get_available_gpus", lambda: [0, 1])
+    monkeypatch.setattr(discovery, "get_available_gpus", lambda: [0, 1])
     with caplog.at_level(logging.WARNING):
         assert parallel.resolve_devices("0, 5") == [torch.device("cuda", 0)]
     assert "GPU ids [5] are not usable" in caplog.text
@@ -138,8 +147,8 @@ def test_unusable_gpu_ids_are_dropped_with_a_warning(monkeypatch, caplog):
 
 
 def fail_first_load(monkeypatch, loader_name, failing_device):
-    """Make parallel.<loader_name> run out of memory on `failing_device` once, then load for real."""
-    real, attempts = getattr(parallel, loader_name), []
+    """Make parallel.load.<loader_name> run out of memory on `failing_device` once, then load for real."""
+    real, attempts = getattr(parallel_load, loader_name), []
 
     def flaky(path, device_or_map, settings, info):
         attempts.append(device_or_map)
@@ -147,7 +156,7 @@ def fail_first_load(monkeypatch, loader_name, failing_device):
             raise DeviceOutOfMemoryError(f"Out of memory on {failing_device} (injected)", failing_device)
         return real(path, device_or_map, settings, info)
 
-    monkeypatch.setattr(parallel, loader_name, flaky)
+    monkeypatch.setattr(parallel_load, loader_name, flaky)
 
 
 def test_out_of_memory_replica_is_dropped_and_replanned(tiny_checkpoints, reference, monkeypatch, caplog):
@@ -156,7 +165,7 @@ def test_out_of_memory_replica_is_dropped_and_replanned(tiny_checkpoints, refere
     with caplog.at_level(logging.WARNING):
         pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "data_parallel", settings=SETTINGS,
                                                    devices=devices)
-    assert "Dropped cpu:0" in caplog.text and pipeline.model.devices == [torch.device("cpu", 1)]
+    assert "Dropped cpu:0" in caplog.text and pipeline.denoiser.devices == [torch.device("cpu", 1)]
     assert relative_error(generate(pipeline, "t2v", 2), reference["t2v", 2]) <= 1e-5
 
 
@@ -165,8 +174,8 @@ def test_nothing_fits_gives_a_clear_error(tiny_checkpoints, monkeypatch):
         device = device_or_map[""] if isinstance(device_or_map, dict) else device_or_map
         raise DeviceOutOfMemoryError("Out of memory (injected)", device)
 
-    monkeypatch.setattr(parallel, "_load_replica", always_oom)
-    monkeypatch.setattr(parallel, "_load_distributed", always_oom)
+    monkeypatch.setattr(parallel_load, "_load_replica", always_oom)
+    monkeypatch.setattr(parallel_load, "_load_placed", always_oom)
     with pytest.raises(MemoryError, match="does not fit the GPUs even split by blocks"):
         parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "data_parallel", settings=SETTINGS,
                                         devices=[torch.device("cpu", 0), torch.device("cpu", 1)])
@@ -177,13 +186,13 @@ def test_nothing_fits_gives_a_clear_error(tiny_checkpoints, monkeypatch):
 
 
 def test_block_distribution_drops_the_device_that_ran_out(tiny_checkpoints, reference, monkeypatch, caplog):
-    fail_first_load(monkeypatch, "_load_distributed", torch.device("cpu", 2))
+    fail_first_load(monkeypatch, "_load_placed", torch.device("cpu", 2))
     devices = [torch.device("cpu", i) for i in range(3)]
     with caplog.at_level(logging.WARNING):
         pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "block_distribution",
                                                    settings=SETTINGS, devices=devices)
     assert "Dropped cpu:2" in caplog.text
-    assert [s.device for s in pipeline.model.block_runner.stages] == devices[:2]
+    assert [s.device for s in pipeline.denoiser.block_runner.stages] == devices[:2]
     assert relative_error(generate(pipeline, "t2v", 2), reference["t2v", 2]) <= 1e-5
 
 
@@ -222,7 +231,7 @@ def test_benchmark_includes_the_in_process_strategies(tiny_checkpoints):
 
 def test_no_gpu_auto_and_none_run_on_the_cpu(tiny_checkpoints, reference, monkeypatch):
     """What the Multi-GPU loader does on a machine without GPUs (as in a CPU-only ComfyUI)."""
-    monkeypatch.setattr(parallel, "get_available_gpus", lambda: [])
+    monkeypatch.setattr(discovery, "get_available_gpus", lambda: [])
     for strategy in ("auto", "none"):
         pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], strategy, gpu_ids="0,1",
                                                    settings=SETTINGS)
@@ -261,7 +270,7 @@ def test_dropping_the_pipeline_frees_the_model(tiny_checkpoints, strategy, kwarg
     pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], strategy, settings=SETTINGS,
                                                devices=[CPU, CPU], **kwargs)
     generate(pipeline, "t2v")
-    models = [weakref.ref(m) for m in getattr(pipeline.model, "replicas", [pipeline.model])]
+    models = [weakref.ref(m) for m in getattr(pipeline.denoiser, "replicas", [pipeline.denoiser])]
     del pipeline
     assert all(ref() is None for ref in models)
 
@@ -270,14 +279,14 @@ def test_block_distribution_splits_by_free_memory_and_leaves_out_a_full_device(t
                                                                                 caplog):
     block = 202_496  # bytes of one tiny fp32 block
     free = {0: 30 * block, 1: 10 * block, 2: block // 2}
-    monkeypatch.setattr(parallel, "free_bytes", lambda device: free[device.index])
-    monkeypatch.setattr(parallel, "_activation_reserve", lambda *args: 0)
+    monkeypatch.setattr(parallel_load, "free_bytes", lambda device: free[device.index])
+    monkeypatch.setattr(parallel_load, "_activation_reserve", lambda *args: 0)
     devices = [torch.device("cpu", i) for i in range(3)]
     with caplog.at_level(logging.WARNING):
         pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "block_distribution",
                                                    settings=SETTINGS, devices=devices)
     assert "Dropped cpu:2" in caplog.text
-    assert [(s.device, len(s.blocks)) for s in pipeline.model.block_runner.stages] == [(devices[0], 3), (devices[1], 1)]
+    assert [(s.device, len(s.blocks)) for s in pipeline.denoiser.block_runner.stages] == [(devices[0], 3), (devices[1], 1)]
     free.update({0: block, 1: block, 2: block})
     with pytest.raises(MemoryError, match="hold at most 3 of the 4 blocks"):
         parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], "block_distribution", settings=SETTINGS,

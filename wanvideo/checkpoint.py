@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from .devices import DeviceOutOfMemoryError, release_memory
 from .modules.model import WanModel
-from .quantization import FAST_MODES, FP8_DTYPES, QUANTIZATION_MODES, enable_fp8_fast, replace_linears_with_fp8
+from .quantization import FP8_DTYPES, QUANTIZATION_MODES, replace_linears_with_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,8 @@ def load_wan_model(path, device="cpu", base_precision="bf16", quantization="disa
 
     base_precision: 'fp32', 'bf16', 'fp16' (or a torch.dtype); quantization: 'disabled',
     'fp8_e4m3fn' or 'fp8_e5m2' (fp8 storage of the block Linear weights), or 'fp8_e4m3fn_fast'
-    (also fp8 matmuls through torch._scaled_mm on GPUs of compute capability 8.9+). Files stored in fp8, with
+    (stored as fp8_e4m3fn; the pipeline's load, wanvideo.pipeline.load_prepared_model, then turns on
+    fp8 matmuls on GPUs of compute capability 8.9+ through wanvideo.engine.enable_fp8_fast). Files stored in fp8, with
     or without per-tensor scales, load in either mode: dequantized when quantization is disabled.
     device_map: optional {module name: device} placing those modules elsewhere (e.g.
     {"blocks.20": "cuda:1", "head": "cuda:1"}); every tensor goes from the file straight there.
@@ -328,8 +329,6 @@ def load_wan_model(path, device="cpu", base_precision="bf16", quantization="disa
         state.clear()
         release_memory()
         raise
-    if quantization in FAST_MODES and device.type == "cuda":  # loads to the CPU turn it on once placed
-        enable_fp8_fast(model, [device, *(device_map or {}).values()])
     model.set_attention_backend(attention_mode)
     model.eval().requires_grad_(False)
     model.checkpoint_info = info

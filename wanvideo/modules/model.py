@@ -4,14 +4,17 @@ Parameter names and constructor arguments follow the official Wan 2.1 release, s
 ComfyUI-repackaged checkpoints load with strict key checking, and code written against the
 official `WanModel.forward(x, t, context, seq_len, clip_fea=None, y=None)` runs on this one.
 
-The model is pure architecture. Parallel strategies (`wanvideo/parallel/`) act on it from outside
-through three seams it offers on purpose:
+The model is pure architecture and imports nothing of the package above it. Parallel strategies
+(`wanvideo/parallel/`) and the single-GPU engine (`wanvideo/engine/`) act on it from outside
+through the seams it offers on purpose:
   - `model.blocks`: the block list that block distribution, block swap and sharding place or wrap;
   - `block.self_attn.attn_op`: the one attention call of each block's self-attention, which
     sequence parallelism replaces with a distributed version of the same signature;
   - `model.block_runner(blocks, tokens, ctx)`: runs the blocks between the point where tokens
     enter (after patch embedding) and where they leave (before the head); strategies that split
-    tokens or pipeline micro-batches install their own runner.
+    tokens or pipeline micro-batches install their own runner;
+  - the batch: `model.prefers_batched_cfg` tells the sampler to send CFG's cond and uncond as one
+    batch (strategies that split or pipeline the batch set it).
 """
 import functools
 import logging
@@ -30,12 +33,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "WanModel", "BlockContext", "run_blocks_sequentially", "sinusoidal_embedding_1d", "rope_params", "rope_frequencies",
-    "PARALLELISM_TYPES", "get_available_gpus", "setup_multi_gpu_parallelism", "distribute_model_blocks",
 ]
 
 CLIP_DIM = 1280             # CLIP ViT-H/14 penultimate hidden size, the image-token width
 CLIP_TOKENS = 257           # tokens per CLIP image (256 patches + class token)
-PARALLELISM_TYPES = ("none", "data_parallel", "block_distribution", "distributed")
 
 
 def sinusoidal_embedding_1d(dim, position):
@@ -285,25 +286,22 @@ class WanModel(nn.Module):
     14B:  dim 5120, ffn_dim 13824, num_heads 40, num_layers 40.
     in_dim is 16 for t2v and 36 for i2v / flf2v (16 noise + 4 mask + 16 image-latent channels).
 
-    parallelism_type, gpu_ids and enable_block_distribution record how the model is meant to run
-    across GPUs; `setup_multi_gpu_parallelism(model)` applies it once the weights are loaded.
+    For the documented multi-GPU arguments (parallelism_type, gpu_ids, enable_block_distribution)
+    use the subclass wanvideo.parallel.MultiGPUWanModel.
     """
+
+    prefers_batched_cfg = False  # the batch seam: strategies that split or pipeline the batch set it
 
     def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=2048,
                  ffn_dim=8192, freq_dim=256, text_dim=4096, out_dim=16, num_heads=16, num_layers=32,
-                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6,
-                 parallelism_type="none", gpu_ids=None, enable_block_distribution=False):
+                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6):
         super().__init__()
         if model_type not in ("t2v", "i2v", "flf2v"):
             raise ValueError(f"model_type {model_type!r} is not one of 't2v', 'i2v', 'flf2v'.")
-        if parallelism_type not in PARALLELISM_TYPES:
-            raise ValueError(f"parallelism_type {parallelism_type!r} is not one of {PARALLELISM_TYPES}.")
         self.model_type, self.patch_size, self.text_len = model_type, tuple(patch_size), text_len
         self.in_dim, self.dim, self.ffn_dim, self.freq_dim = in_dim, dim, ffn_dim, freq_dim
         self.text_dim, self.out_dim, self.num_heads, self.num_layers = text_dim, out_dim, num_heads, num_layers
         self.window_size, self.qk_norm, self.cross_attn_norm, self.eps = window_size, qk_norm, cross_attn_norm, eps
-        self.parallelism_type, self.gpu_ids = parallelism_type, gpu_ids
-        self.enable_block_distribution = enable_block_distribution
 
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
@@ -407,7 +405,3 @@ class WanModel(nn.Module):
             raise ValueError(f"The latents make {tokens.shape[1]} tokens, more than seq_len={seq_len}.")
         tokens = self.block_runner(self.blocks, tokens, ctx)
         return self.unembed(tokens, e, grid_sizes)
-
-
-# The documented multi-GPU entry points live with their strategies; they are importable from here.
-from ..parallel import get_available_gpus, setup_multi_gpu_parallelism, distribute_model_blocks  # noqa: E402

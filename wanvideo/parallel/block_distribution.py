@@ -151,7 +151,7 @@ def distribute_model_blocks(model, devices, blocks_per_device=None, pipeline=Tru
     for i, (device, count) in enumerate(zip(devices, counts)):
         stage = _Stage(device, start, model.blocks[start:start + count])
         if swaps[i]:
-            from .offload import BlockSwapSettings, enable_block_swap
+            from ..engine import BlockSwapSettings, enable_block_swap
             settings = BlockSwapSettings(**dict(vars(swap_settings) if swap_settings else {},
                                                 blocks_to_swap=swaps[i], offload_txt_emb=False, offload_img_emb=False))
             swappers[i] = enable_block_swap(stage, device, settings)

@@ -1,7 +1,7 @@
 """Who goes where: checkpoint sizes x GPU memory -> a parallelism plan.
 
 `plan_parallelism(info, gpus, ...)` reads nothing but the CheckpointInfo (the safetensors header) and
-an inventory of GPUs (dicts with index, free_memory, total_memory; see multi_gpu_utils.get_gpu_info)
+an inventory of GPUs (dicts with index, free_memory, total_memory; see wanvideo.gpus.get_gpu_info)
 and returns a plain dict the loader accepts as is, with a `reason` that says why.
 
 Memory model, per GPU, in bytes (every figure is in the plan's `estimated_memory_per_gpu`):
@@ -42,6 +42,7 @@ import math
 from ..checkpoint import BASE_DTYPES
 from ..quantization import QUANTIZATION_MODES
 from .block_distribution import blocks_per_device_by_memory
+from .distributed.topology import choose_degrees
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +153,16 @@ def minimal_blocks_to_swap(footprint, activation_bytes, available_bytes):
 
 
 def sequence_parallel_degrees(world_size, num_heads):
-    """(ulysses, ring) with ulysses x ring = world_size; Ulysses splits heads, so its degree must
-    divide num_heads: take the largest such divisor and leave the rest to ring attention."""
-    ulysses = max(d for d in range(1, world_size + 1) if world_size % d == 0 and num_heads % d == 0)
-    return ulysses, world_size // ulysses
+    """(ulysses, ring) for `world_size` sequence shards: the workers' own choice
+    (distributed.topology.choose_degrees without CFG), so the plan estimates the layout that runs."""
+    degrees = choose_degrees(world_size, num_heads, use_cfg=False)
+    return degrees.ulysses, degrees.ring
+
+
+def activation_reserve_bytes(info, base_precision, quantization, width, height, num_frames):
+    """Bytes each device keeps free for the activations of a CFG step (two branches, batch 1)."""
+    footprint = ModelFootprint(info, base_precision, quantization)
+    return Workload(footprint, width, height, num_frames, True, 1).full_activation
 
 
 def _check_inventory(gpus):
@@ -163,7 +170,7 @@ def _check_inventory(gpus):
         missing = [k for k in ("index", "free_memory", "total_memory") if k not in gpu]
         if missing:
             raise ValueError(f"GPU entry {gpu!r} lacks {', '.join(missing)}; pass dicts as returned by "
-                             "multi_gpu_utils.get_gpu_info().")
+                             "wanvideo.gpus.get_gpu_info().")
 
 
 def _plan(footprint, parallelism_type, gpus, estimates, reason, blocks_to_swap=0, blocks_to_swap_per_gpu=None,
@@ -175,7 +182,10 @@ def _plan(footprint, parallelism_type, gpus, estimates, reason, blocks_to_swap=0
                 estimated_memory_per_gpu=[int(e) for e in estimates], reason=reason)
 
 
-class _Workload:
+class Workload:
+    """What one denoising step processes: tokens per item, items (CFG branches x batch), and the
+    activation bytes of the whole step on one device."""
+
     def __init__(self, footprint, width, height, num_frames, cfg, batch_size):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is not valid: give an integer of at least 1.")
@@ -197,7 +207,7 @@ def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_prec
     over the GPUs (with swap if even their sum is too small); else one GPU with block swap.
     """
     footprint = ModelFootprint(info, base_precision, quantization)
-    work = _Workload(footprint, width, height, num_frames, cfg, batch_size)
+    work = Workload(footprint, width, height, num_frames, cfg, batch_size)
     _check_inventory(gpus)
     need = (f"{footprint.description} in {base_precision}"
             f"{' with ' + quantization + ' blocks' if quantization != 'disabled' else ''} needs "

@@ -1,8 +1,11 @@
 """What ComfyUI's process asks of a worker group, and how it travels.
 
-A `Request` goes to spawned workers as is, through multiprocessing queues (tensors through shared
-memory). To workers started by torchrun it travels through a TCPStore as safetensors bytes with
-its settings as JSON in the header: no pickle crosses the network.
+A `Request` always travels as safetensors bytes (`encode_request`: tensors by name, settings as
+JSON in the header): to spawned workers through their multiprocessing queues, to workers started
+by torchrun through a TCPStore. No class of ours is pickled: inside ComfyUI the parent knows this
+package under the custom-node folder's name, which a spawned worker cannot import, and nothing
+crossing the network is ever unpickled. `ServedModel` is what the torchrun workers publish about
+their checkpoint, so a client there checks requests as the spawned runner does.
 """
 import json
 from dataclasses import dataclass
@@ -21,8 +24,9 @@ _SETTINGS = ("kind", "request_id", "cfg", "steps", "shift", "scheduler", "denois
 
 @dataclass
 class Request:
-    """kind 'sample': denoise `noise` [B, 16, F, H, W] with the sampler settings -> latents [B, 16, F, H, W].
-    kind 'forward': one guided model evaluation of x = `noise` [B, C, F, H, W] at `timestep` [B]
+    """kind 'sample': denoise `latents` (the start noise) [B, 16, F, H, W] with the sampler settings
+      -> latents [B, 16, F, H, W].
+    kind 'forward': one guided model evaluation of x = `latents` [B, C, F, H, W] at `timestep` [B]
       (0..1000) -> velocities [B, 16, F, H, W] (for checks and benchmarks).
     kind 'shutdown': the workers leave their loop and exit.
     degrees: the layout for this request; None lets the workers choose (choose_degrees with
@@ -31,7 +35,7 @@ class Request:
     kind: str
     request_id: int = 0
     degrees: Optional[ParallelDegrees] = None
-    noise: Optional[torch.Tensor] = None    # 'forward' also takes a list of [C, F_i, H_i, W_i] (ragged batch)
+    latents: Optional[torch.Tensor] = None  # 'forward' also takes a list of [C, F_i, H_i, W_i] (ragged batch)
     positive: Optional[Conditioning] = None
     negative: Optional[Conditioning] = None
     cfg: float = 1.0
@@ -49,6 +53,32 @@ class Request:
             raise ValueError(f"Request kind {self.kind!r} is not one of {KINDS}.")
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What a client needs to know of the workers' checkpoint to check a request before sending it.
+    path: the file as the workers see it (for messages); model_type: 't2v', 'i2v' or 'flf2v';
+    patch_size (F, H, W); in_dim: input channels (16, plus y's for i2v); num_heads (for the layout)."""
+    path: str
+    model_type: str
+    patch_size: tuple
+    in_dim: int
+    num_heads: int
+
+    @classmethod
+    def from_info(cls, info):
+        """From a wanvideo.checkpoint.CheckpointInfo."""
+        return cls(str(info.path), info.model_type, tuple(info.config["patch_size"]), int(info.config["in_dim"]),
+                   int(info.config["num_heads"]))
+
+    def to_json(self):
+        return json.dumps({**self.__dict__, "patch_size": list(self.patch_size)})
+
+    @classmethod
+    def from_json(cls, text):
+        fields = json.loads(text)
+        return cls(**{**fields, "patch_size": tuple(fields["patch_size"])})
+
+
 def _cpu_copy(tensor):
     if isinstance(tensor, (list, tuple)):
         return [_cpu_copy(t) for t in tensor]
@@ -64,7 +94,7 @@ def _cpu_conditioning(cond):
 
 def detached_request(**kwargs):
     """A Request whose tensors are private CPU copies (safe to share with other processes)."""
-    for name in ("noise", "timestep", "init_latent"):
+    for name in ("latents", "timestep", "init_latent"):
         kwargs[name] = _cpu_copy(kwargs.get(name))
     for name in ("positive", "negative"):
         kwargs[name] = _cpu_conditioning(kwargs.get(name))
@@ -76,7 +106,7 @@ def encode_request(request):
     tensors = {name: getattr(request, name) for name in ("timestep", "init_latent")
                if getattr(request, name) is not None}
     settings = {name: getattr(request, name) for name in _SETTINGS}
-    settings["noise"] = _put_tensors(tensors, "noise", request.noise)
+    settings["latents"] = _put_tensors(tensors, "latents", request.latents)
     settings["degrees"] = None if request.degrees is None else [request.degrees.cfg, request.degrees.ulysses,
                                                                  request.degrees.ring]
     for branch in ("positive", "negative"):
@@ -101,8 +131,8 @@ def decode_request(payload):
             context=[tensors[f"{branch}.context.{i}"] for i in range(count)],
             clip_fea=tensors.get(f"{branch}.clip_fea"), y=tensors.get(f"{branch}.y"))
     degrees = settings.pop("degrees")
-    noise = _take_tensors(tensors, "noise", settings.pop("noise"))
-    return Request(degrees=None if degrees is None else ParallelDegrees(*degrees), noise=noise, **branches,
+    latents = _take_tensors(tensors, "latents", settings.pop("latents"))
+    return Request(degrees=None if degrees is None else ParallelDegrees(*degrees), latents=latents, **branches,
                    **{name: tensors.get(name) for name in ("timestep", "init_latent")}, **settings)
 
 

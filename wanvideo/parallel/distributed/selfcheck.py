@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ...checkpoint import load_wan_model
+from ...devices import parse_devices
 from ...sampling.loop import Conditioning
 from ...tiny import make_tiny_checkpoint
 from .attention import attention_with_lse
@@ -59,11 +60,12 @@ def check_attention_kernels(device, dtype):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", nargs="*", help="default: every visible GPU")
+    parser.add_argument("--devices", nargs="*", help="devices or GPU ids (cpu cpu, 0 1, cuda:0 cuda:1); "
+                                                         "default: every visible GPU")
     parser.add_argument("--precision", default="fp32", choices=sorted(TOLERANCE))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    devices = [torch.device(d) for d in args.devices] if args.devices else \
+    devices = parse_devices(args.devices) if args.devices else \
         [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     if not devices:
         parser.error("no GPU is visible; name devices, e.g. --devices cpu cpu")

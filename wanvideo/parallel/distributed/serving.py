@@ -1,14 +1,15 @@
 """One rank's side of a worker group: its own copy of the model, the layouts, and request handling.
 
 The same `WorkerSession` serves spawned workers (workers.py) and workers started by torchrun
-(worker.py); only the way requests arrive and results leave differs.
+(worker.py); only the way requests arrive and results leave differs. Every rank loads its weights
+with the one load sequence, wanvideo.pipeline.load_prepared_model.
 """
 import logging
 
 import torch
 import torch.distributed as dist
 
-from ...checkpoint import load_wan_model
+from ...pipeline import LoadSettings, load_prepared_model
 from ...sampling.loop import sample_video
 from .cfg_parallel import GuidedVelocityModel
 from .sequence_parallel import apply_sequence_parallel
@@ -28,13 +29,14 @@ class WorkerSession:
     sequence of requests, so the collective `new_group` calls match.
     """
 
-    def __init__(self, checkpoint_path, device, base_precision="bf16", quantization="disabled",
-                 attention_mode="sdpa", loras=()):
+    def __init__(self, checkpoint_path, device, settings: LoadSettings):
+        """settings: precision, quantization (fp8 fast matmuls included), attention and LoRAs (merged
+        by every rank from the files); a distributed group neither swaps blocks nor compiles."""
+        if settings.swaps_blocks or settings.compile_args is not None:
+            raise ValueError("Distributed workers keep a whole model on their device: block swap and "
+                             "torch.compile are not supported here.")
         self.device = torch.device(device)
-        self.model = load_wan_model(checkpoint_path, self.device, base_precision, quantization, attention_mode)
-        if loras:  # [(path, strength)], merged by every rank from the files
-            from ...lora import apply_loras
-            apply_loras(self.model, [(str(path), float(strength)) for path, strength in loras])
+        self.model, self.info, _ = load_prepared_model(checkpoint_path, self.device, settings)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         # Collectives on the default group need tensors where its backend works: GPU for NCCL.
         self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -73,13 +75,13 @@ class WorkerSession:
         if request.kind == "forward":
             if self.any_rank(stop_requested()):
                 raise RunInterrupted()
-            x = [u.to(self.device) for u in request.noise]
+            x = [u.to(self.device) for u in request.latents]
             positive = request.positive
             out = guided(x, request.timestep.to(self.device), [c.to(self.device) for c in positive.context],
                          clip_fea=None if positive.clip_fea is None else positive.clip_fea.to(self.device),
                          y=None if positive.y is None else list(positive.y.to(self.device, torch.float32)))
             out = [o.cpu() for o in out]
-            return out if isinstance(request.noise, list) else torch.stack(out)
+            return out if isinstance(request.latents, list) else torch.stack(out)
 
         def check_interrupt():
             if self.any_rank(stop_requested()):
@@ -89,7 +91,7 @@ class WorkerSession:
             model, negative, cfg = guided, None, 1.0
         else:
             model, negative, cfg = self.model, request.negative, request.cfg
-        return sample_video(model, request.noise, request.positive, negative, steps=request.steps, cfg=cfg,
+        return sample_video(model, request.latents, request.positive, negative, steps=request.steps, cfg=cfg,
                             shift=request.shift, scheduler=request.scheduler, denoise=request.denoise,
                             init_latent=request.init_latent, batch_cfg=request.batch_cfg, callback=on_step,
                             check_interrupt=check_interrupt, progress=False)

@@ -15,6 +15,7 @@ Keys of the store (n = 1, 2, ...; one client at a time):
     progress/n     "step total" after each step                                       rank 0 -> client
     result/n       the result tensor as safetensors bytes                             rank 0 -> client
     interrupted/n  present: the run stopped on request                                rank 0 -> client
+    model          the checkpoint's facts for the client's checks (ServedModel JSON)   rank 0 -> client
     ready          the world size, once every rank has loaded its weights              rank 0 -> client
     error          a worker's traceback (that rank exits; restart the torchrun job)   any rank -> client
 The store has no authentication: serve on a private network only. Nothing in it is ever unpickled.
@@ -30,7 +31,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .protocol import decode_request, encode_tensor
+from ...pipeline import LoadSettings
+from .protocol import ServedModel, decode_request, encode_tensor
 from .serving import RunInterrupted, WorkerSession
 
 logger = logging.getLogger(__name__)
@@ -96,9 +98,12 @@ def main(argv=None):
                           is_master=rank == 0, wait_for_workers=False, timeout=timedelta(minutes=10))
     exit_code = 0
     try:
-        session = WorkerSession(args.checkpoint, device, args.precision, args.quantization, args.attention)
+        session = WorkerSession(args.checkpoint, device, LoadSettings(base_precision=args.precision,
+                                                                      quantization=args.quantization,
+                                                                      attention_mode=args.attention))
         dist.barrier()
         if rank == 0:
+            store.set("model", ServedModel.from_info(session.info).to_json())
             store.set("ready", str(dist.get_world_size()))
             logger.info("Serving Wan requests on %s:%d with %d ranks", args.serve_host, args.serve_port,
                         dist.get_world_size())

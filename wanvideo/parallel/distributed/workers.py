@@ -2,19 +2,21 @@
 
 `DistributedWanRunner` spawns one process per listed device (torch.multiprocessing, spawn
 context), joins them with torch.distributed (NCCL on GPUs, gloo on CPU) through a free TCP port on
-127.0.0.1, and lets every worker load its own copy of the weights from the checkpoint file (the
-model never travels through a pipe). Requests go to every worker through its own queue, as
-safetensors bytes (protocol.py); the denoising loop runs inside the workers; rank 0 sends progress
-and the result back on one queue.
+127.0.0.1, and lets every worker load its own copy of the weights from the checkpoint file
+(wanvideo.pipeline.load_prepared_model; the model never travels through a pipe). Requests go to
+every worker through its own queue, as safetensors bytes (protocol.py); the denoising loop runs
+inside the workers; rank 0 sends progress and the result back on one queue. The request loop,
+the input checks and the failure handling are the shared client's (client.py); `_WorkerGroup` is
+its transport here.
 
 A worker imports nothing of the parent but this package, found by its location (spawn_entry.py):
 ComfyUI's main.py (which would start a second ComfyUI) and the custom-node name under which
 ComfyUI imported this package never reach it.
 
-The parent never blocks without a bound: it polls the result queue, checks that every worker is
-alive, calls `check_interrupt`, and gives up after `step_timeout_s` without news. A dead or hung
-worker tears the whole group down (an error says which rank); the next run starts a fresh group.
-Interruption sets a shared event that all ranks check, and agree on, before every step.
+A dead or hung worker tears the whole group down (an error says which rank); the next run starts a
+fresh group. A process that fails to start stops the ones already started at once (they would
+wait for it in init_process_group for collective_timeout_s). Interruption is a shared counter:
+every rank leaves any request whose id is at most its value, agreeing on the step (serving.py).
 """
 import contextlib
 import logging
@@ -34,20 +36,17 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from ...checkpoint import inspect_checkpoint
-from ...sampling.loop import Conditioning, check_inputs
-from ...sampling.schedulers import flow_sigmas, make_scheduler
-from .protocol import decode_request, detached_request, encode_request
+from ...devices import parse_devices
+from ...pipeline import LoadSettings
+from .client import WanWorkerClient, WorkerGroupError, WorkerTransport
+from .protocol import ServedModel, decode_request, encode_request
 from .serving import RunInterrupted, WorkerSession
-from .topology import choose_degrees
 
 logger = logging.getLogger(__name__)
 
-POLL_INTERVAL_S = 0.05
 STOP_GRACE_S = 10.0
 
-
-class WorkerGroupError(RuntimeError):
-    """A worker failed, died or stopped answering; the group has been torn down."""
+__all__ = ["DistributedWanRunner", "WorkerGroupError", "worker_main"]
 
 
 # --- the worker process ---------------------------------------------------------------------------
@@ -68,9 +67,11 @@ def _next_request(request_queue):
 
 
 def worker_main(rank, world_size, init_method, backend, device, load_args, request_queue, message_queue,
-                stop_event, cpu_threads, collective_timeout_s):
+                cancelled_through, cpu_threads, collective_timeout_s):
     """One spawned worker (rank): joins the group, loads the model, sends ('ready', None, rank),
-    then serves encoded requests from request_queue until None arrives."""
+    then serves encoded requests from request_queue until None arrives. load_args: plain values
+    (checkpoint_path and LoadSettings fields): the parent may know our classes under another name.
+    cancelled_through: a shared integer; a request whose id is at most its value is cancelled."""
     logging.basicConfig(level=logging.INFO, format=f"[wan worker {rank}] %(levelname)s %(name)s: %(message)s")
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
@@ -80,7 +81,8 @@ def worker_main(rank, world_size, init_method, backend, device, load_args, reque
             torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout_s))
-        session = WorkerSession(device=device, **load_args)
+        settings = dict(load_args)
+        session = WorkerSession(settings.pop("checkpoint_path"), device, LoadSettings(**settings))
         message_queue.put(("ready", None, rank))
         while (payload := _next_request(request_queue)) is not None:
             request = decode_request(payload)
@@ -92,13 +94,13 @@ def worker_main(rank, world_size, init_method, backend, device, load_args, reque
                     message_queue.put(("progress", request_id, (step, total, preview)))
 
             try:
-                result = session.run(request, stop_event.is_set, on_step)
+                result = session.run(request, lambda: cancelled_through.value >= request_id, on_step)
             except RunInterrupted:
                 if rank == 0:
                     message_queue.put(("interrupted", request_id, None))
                 continue
             if rank == 0:
-                to_cpu = lambda t: t.detach().to("cpu").clone()
+                to_cpu = lambda t: t.detach().to("cpu").clone()  # noqa: E731
                 message_queue.put(("result", request_id,
                                    [to_cpu(t) for t in result] if isinstance(result, list) else to_cpu(result)))
     except BaseException:
@@ -157,8 +159,8 @@ def _main_module_hidden():
             setattr(main, name, value)
 
 
-class _WorkerGroup:
-    """The processes, queues and stop event of one started group."""
+class _WorkerGroup(WorkerTransport):
+    """The processes and queues of one started group; the client's transport to them."""
 
     def __init__(self, devices, load_args, cpu_threads, collective_timeout_s):
         context = torch_mp.get_context("spawn")
@@ -166,17 +168,30 @@ class _WorkerGroup:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.message_queue = context.Queue()
         self.request_queues = [context.Queue() for _ in devices]
-        self.stop_event = context.Event()
+        # Per-request stop: a cancelled id stays cancelled, and a later request is never stopped by
+        # it, so nothing has to be cleared (and raced) before the next request.
+        self.cancelled_through = context.Value("q", 0)
         self.processes = []
+        self._last_request_id = 0
         entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawn_entry.py")
         for rank, device in enumerate(devices):
             worker_args = (rank, len(devices), init_method, backend, device, load_args, self.request_queues[rank],
-                           self.message_queue, self.stop_event, cpu_threads, collective_timeout_s)
+                           self.message_queue, self.cancelled_through, cpu_threads, collective_timeout_s)
             process = context.Process(target=runpy.run_path, name=f"wan-worker-{rank}", args=(entry,),
                                       kwargs=dict(init_globals={"WAN_WORKER_ARGS": worker_args},
                                                   run_name="__wan_worker__"))
-            with _main_module_hidden():
-                process.start()
+            try:
+                with _main_module_hidden():
+                    process.start()
+            except BaseException as error:
+                # The ranks already started wait for this one in init_process_group: stop them now.
+                _stop_processes(self.processes, self.request_queues, self.message_queue, graceful=False)
+                if not isinstance(error, Exception):
+                    raise
+                raise WorkerGroupError(f"Could not start Wan worker rank {rank} of {len(devices)} on {device}: "
+                                       f"{type(error).__name__}: {error}. The {len(self.processes)} workers "
+                                       "already started were stopped; free processes or memory and run again."
+                                       ) from error
             self.processes.append(process)
         # Runs once: on stop(), when the group is garbage collected, or at interpreter exit. (Not daemon
         # processes: those may not start children, which compilers inside a worker may need.)
@@ -192,11 +207,54 @@ class _WorkerGroup:
             self._finalizer.detach()
             _stop_processes(self.processes, self.request_queues, self.message_queue, graceful)
 
+    # --- WorkerTransport ------------------------------------------------------------------------
+
+    def new_request_id(self):
+        self._last_request_id += 1
+        return self._last_request_id
+
+    def send(self, request):
+        payload = encode_request(request)
+        for request_queue in self.request_queues:
+            request_queue.put(payload)
+
+    def next_message(self, timeout_s):
+        try:
+            return self.message_queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def interrupt(self, request_id):
+        with self.cancelled_through.get_lock():
+            self.cancelled_through.value = max(self.cancelled_through.value, request_id)
+
+    def failure(self, doing, error=None):
+        dead = self.dead_workers()
+        if not dead and error is None:
+            return None
+        if error is None:  # a dying worker may have posted its traceback just now: report it with the exit codes
+            try:
+                kind, _, payload = self.message_queue.get(timeout=0.5)
+                error = payload if kind == "error" else None
+            except queue.Empty:
+                pass
+        lines = []
+        for rank, pid, code in dead:
+            if error is not None and rank == error[0]:
+                continue  # its exit follows from the error below
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            lines.append(f"Wan worker rank {rank} (pid {pid}) {how} while {doing}.")
+        if error is not None:
+            lines.append(f"Wan worker rank {error[0]} failed while {doing}:\n{error[1]}")
+        return "\n".join(lines)
+
 
 def _as_devices(devices):
-    if isinstance(devices, (str, torch.device)) or not devices:
+    """Anything wanvideo.devices.parse_devices reads -> the workers' devices, checked for a group:
+    all CUDA GPUs (NCCL) or all CPU (gloo), no GPU twice, every GPU visible."""
+    if devices is None or (isinstance(devices, (list, tuple)) and not devices):
         raise ValueError(f"devices must be a non-empty list of torch.device; got {devices!r}.")
-    devices = [torch.device(d) for d in devices]
+    devices = parse_devices(devices)
     kinds = {d.type for d in devices}
     if kinds - {"cpu", "cuda"} or len(kinds) > 1:
         raise ValueError(f"devices {[str(d) for d in devices]} must be all CUDA GPUs or all CPU "
@@ -212,20 +270,22 @@ def _as_devices(devices):
     return devices
 
 
-class DistributedWanRunner:
+class DistributedWanRunner(WanWorkerClient):
     """Sequence- and CFG-parallel Wan 2.1 on worker processes, one per device.
 
     checkpoint_path: a Wan 2.1 .safetensors file, loaded by every worker with
-      load_wan_model(path, device, base_precision, quantization, attention_mode);
-    devices: list of torch.device, all CUDA (NCCL) or all CPU (gloo; for tests);
+      wanvideo.pipeline.load_prepared_model (base_precision, quantization, attention_mode, loras);
+    devices: torch.device list (or GPU ids, '0,1', ...: wanvideo.devices.parse_devices), all CUDA
+      (NCCL) or all CPU (gloo; for tests);
     degrees: a ParallelDegrees for every run, or None to choose per run with choose_degrees
       (cfg 2 when guidance is on and the device count is even, then Ulysses, then ring);
     start_timeout_s: bound on process start and weight loading; step_timeout_s: bound on the time
       between two messages from the workers during a run (a step, or the first step);
     cpu_threads_per_worker: torch CPU threads of each worker (default: the cores shared out).
 
-    The group starts on first use, lives across runs and ends with shutdown(), when the runner is
-    garbage collected, or at exit. Usable as a context manager.
+    sample() and forward() are the shared client's (client.py). The group starts on first use,
+    lives across runs and ends with shutdown(), when the runner is garbage collected, or at exit.
+    Usable as a context manager.
     """
 
     def __init__(self, checkpoint_path, devices, base_precision="bf16", quantization="disabled",
@@ -233,7 +293,7 @@ class DistributedWanRunner:
                  cpu_threads_per_worker=None, collective_timeout_s=1800.0, loras=()):
         self.devices = _as_devices(devices)
         self.info = inspect_checkpoint(str(checkpoint_path))
-        self.num_heads = self.info.config["num_heads"]
+        self.served = ServedModel.from_info(self.info)
         if degrees is not None:
             degrees.check(len(self.devices))
         self.degrees = degrees
@@ -246,7 +306,6 @@ class DistributedWanRunner:
             cpu_threads_per_worker = max(1, (os.cpu_count() or 1) // len(self.devices))
         self.cpu_threads_per_worker = cpu_threads_per_worker
         self._group = None
-        self._request_id = 0
 
     # --- lifetime -----------------------------------------------------------------------------
 
@@ -259,20 +318,24 @@ class DistributedWanRunner:
         return self._group is not None
 
     def start(self):
-        """Start the workers and wait until every one has loaded its weights (no-op when running)."""
+        """Start the workers and wait until every one has loaded its weights (no-op when running).
+        A failed or interrupted start leaves no worker running."""
         if self._group is not None:
             return
         logger.info("Starting %d Wan workers on %s", self.world_size, ", ".join(map(str, self.devices)))
         began = time.monotonic()
-        self._group = _WorkerGroup(self.devices, self.load_args, self.cpu_threads_per_worker,
-                                   self.collective_timeout_s)
+        self._group = group = _WorkerGroup(self.devices, self.load_args, self.cpu_threads_per_worker,
+                                           self.collective_timeout_s)
         ready = set()
-        while len(ready) < self.world_size:
-            kind, _, payload = self._next_message(self.start_timeout_s, began, "loading the model")
-            if kind == "ready":
-                ready.add(payload)
-            elif kind == "error":
-                self._fail(self._failure_report("loading the model", payload))
+        try:
+            while len(ready) < self.world_size:
+                kind, _, payload = self._next_message(group, self.start_timeout_s, began, "loading the model")
+                if kind == "ready":
+                    ready.add(payload)
+        except KeyboardInterrupt:
+            self._group = None
+            group.stop(graceful=False)
+            raise
         logger.info("Wan workers ready in %.1f s", time.monotonic() - began)
 
     def shutdown(self):
@@ -287,165 +350,21 @@ class DistributedWanRunner:
     def __exit__(self, *exc):
         self.shutdown()
 
-    def _fail(self, message):
+    # --- the client's hooks ---------------------------------------------------------------------
+
+    def _transport(self):
+        """The running group; a fresh one when a worker died since the last run (nothing is lost)."""
+        if self._group is not None and self._group.dead_workers():
+            logger.warning("A Wan worker exited since the last run (%s); starting a fresh group.",
+                           self._group.failure("idle"))
+            group, self._group = self._group, None
+            group.stop(graceful=False)
+        self.start()
+        return self._group
+
+    def _fail(self, message, timed_out=False):
         """Tear the group down (no grace: workers may be stuck in collectives) and raise."""
         if self._group is not None:
             group, self._group = self._group, None
             group.stop(graceful=False)
         raise WorkerGroupError(message + "\nThe worker group was shut down; the next run starts a fresh one.")
-
-    def _failure_report(self, doing, error=None):
-        """Which workers exited and how, then the traceback a worker sent (error = (rank, text))."""
-        lines = []
-        for rank, pid, code in self._group.dead_workers():
-            if error is not None and rank == error[0]:
-                continue  # its exit follows from the error below
-            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-            lines.append(f"Wan worker rank {rank} (pid {pid}) {how} while {doing}.")
-        if error is not None:
-            lines.append(f"Wan worker rank {error[0]} failed while {doing}:\n{error[1]}")
-        return "\n".join(lines)
-
-    def _next_message(self, timeout_s, since, doing, idle=None):
-        """The next worker message; raises WorkerGroupError on a dead worker or after timeout_s of silence.
-        idle(): called between polls."""
-        while True:
-            try:
-                return self._group.message_queue.get(timeout=POLL_INTERVAL_S)
-            except queue.Empty:
-                pass
-            if idle is not None:
-                idle()
-            if self._group.dead_workers():
-                # A dying worker may have posted its traceback just now; report it with the exit codes.
-                try:
-                    kind, _, payload = self._group.message_queue.get(timeout=0.5)
-                except queue.Empty:
-                    kind, payload = None, None
-                self._fail(self._failure_report(doing, payload if kind == "error" else None))
-            if time.monotonic() - since > timeout_s:
-                self._fail(f"The Wan workers sent nothing for {timeout_s:.0f} s while {doing}; a worker hangs "
-                           "(or one step takes longer: raise step_timeout_s).")
-
-    # --- runs ---------------------------------------------------------------------------------
-
-    def degrees_for(self, cfg):
-        """The layout a run with this guidance scale uses."""
-        return self.degrees or choose_degrees(self.world_size, self.num_heads, use_cfg=cfg != 1)
-
-    def sample(self, noise, positive, negative=None, steps=30, cfg=5.0, shift=5.0, scheduler="unipc", denoise=1.0,
-               init_latent=None, batch_cfg=None, callback=None, check_interrupt=None, previews=False, degrees=None):
-        """Denoise noise [B, 16, F, H, W] -> latents [B, 16, F, H, W] float32 on the CPU.
-
-        Arguments as wanvideo.sampling.loop.sample_video (positive / negative are Conditioning).
-        callback(step_index, total_steps, x0 or None): after each step (x0 [B, 16, F, H, W] with
-          previews=True). check_interrupt(): polled while waiting; raising (or returning True)
-          stops every worker at its next step, and the exception propagates.
-        degrees: this run's layout (default: the runner's, else choose_degrees).
-        """
-        self._check_inputs(noise, positive, negative)
-        sigmas = flow_sigmas(steps, shift, denoise)  # bad settings fail here, not inside the workers
-        make_scheduler(scheduler, sigmas)
-        check_inputs(noise, positive, negative, cfg, denoise, init_latent, self.info.config["patch_size"])
-        return self._run(dict(kind="sample", noise=noise, positive=positive, negative=negative, cfg=cfg, steps=steps,
-                              shift=shift, scheduler=scheduler, denoise=denoise, init_latent=init_latent,
-                              batch_cfg=batch_cfg, previews=previews), degrees, callback, check_interrupt)
-
-    def forward(self, x, timestep, positive, negative=None, cfg=1.0, degrees=None):
-        """One guided evaluation: x [B, C, F, H, W], timestep [B] (0..1000) -> velocity [B, 16, F, H, W]
-        (uncond + cfg * (cond - uncond); the positive branch alone at cfg 1). x may also be a list
-        of [C, F_i, H_i, W_i] of different sizes (t2v; a ragged batch): then a list comes back."""
-        channels = self.info.config["in_dim"] - (0 if positive is None or positive.y is None else positive.y.shape[1])
-        if isinstance(x, (list, tuple)):
-            x = list(x)
-            for item in x:
-                self._check_inputs(item[None], positive, negative, channels, batch=len(x))
-        else:
-            self._check_inputs(x, positive, negative, channels)
-        return self._run(dict(kind="forward", noise=x, timestep=torch.as_tensor(timestep, dtype=torch.float32),
-                              positive=positive, negative=negative, cfg=cfg), degrees, None, None)
-
-    def _check_inputs(self, x, positive, negative, channels=16, batch=None):
-        """Errors the workers would hit, raised here so the group survives them."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != channels:
-            raise ValueError(f"The latents must be a [B, {channels}, F, H, W] tensor; got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
-        batch = x.shape[0] if batch is None else batch
-        if positive is None:
-            raise ValueError("positive conditioning is required.")
-        for name, cond in (("positive", positive), ("negative", negative)):
-            if cond is not None and not isinstance(cond, Conditioning):
-                raise TypeError(f"{name} must be a wanvideo.sampling.loop.Conditioning; got {type(cond).__name__}.")
-            if cond is not None and len(cond.context) != batch:
-                raise ValueError(f"{name}.context has {len(cond.context)} text embeddings for a batch of {batch} "
-                                 "videos; give one per video.")
-        if self.info.model_type != "t2v" and (positive.clip_fea is None or positive.y is None):
-            raise ValueError(f"{self.info.path!r} is a {self.info.model_type} model: positive needs clip_fea (CLIP "
-                             "image tokens) and y (mask and image latents).")
-
-    def _run(self, fields, degrees, callback, check_interrupt):
-        if fields["cfg"] != 1 and fields["negative"] is None:
-            raise ValueError(f"cfg={fields['cfg']} needs a negative Conditioning; pass one, or set cfg to 1.0.")
-        degrees = degrees or self.degrees
-        if degrees is not None:
-            degrees.check(self.world_size)
-        if self._group is not None and self._group.dead_workers():  # died between runs: nothing is lost
-            logger.warning("A Wan worker exited since the last run (%s); starting a fresh group.",
-                           self._failure_report("idle"))
-            group, self._group = self._group, None
-            group.stop(graceful=False)
-        self.start()
-        self._request_id += 1
-        request = detached_request(request_id=self._request_id, degrees=degrees, **fields)
-        payload = encode_request(request)
-        group = self._group
-        group.stop_event.clear()
-        for request_queue in group.request_queues:
-            request_queue.put(payload)
-
-        interruption = None
-
-        def interrupt(error):
-            nonlocal interruption
-            if interruption is None and error is not None:
-                interruption = error
-                group.stop_event.set()  # every rank sees it before its next step
-
-        def poll_interrupt():
-            if interruption is None and check_interrupt is not None:
-                interrupt(self._call_user(check_interrupt, stop_on_true=True))
-
-        last_news = time.monotonic()
-        try:
-            while True:
-                kind, request_id, payload = self._next_message(self.step_timeout_s, last_news, "running",
-                                                               poll_interrupt)
-                last_news = time.monotonic()
-                if kind == "error":
-                    time.sleep(0.2)  # a worker killed from outside shows as exited a moment later
-                    self._fail(self._failure_report("running", payload))
-                if request_id != request.request_id:
-                    continue  # late news of an earlier, interrupted request
-                if kind == "result":  # private copies: the shared memory belongs to the worker
-                    if interruption is not None:  # finished before the stop was seen: still cancelled
-                        raise interruption
-                    return [t.clone() for t in payload] if isinstance(payload, list) else payload.clone()
-                if kind == "interrupted":
-                    raise interruption or InterruptedError("The Wan workers were interrupted.")
-                if kind == "progress" and callback is not None and interruption is None:
-                    interrupt(self._call_user(callback, *payload))
-                poll_interrupt()
-        except KeyboardInterrupt:
-            group.stop_event.set()
-            raise
-
-    @staticmethod
-    def _call_user(function, *args, stop_on_true=False):
-        """Call a user callable; the exception it raises (or, for check_interrupt, a True it returns)
-        becomes the interruption, re-raised once the workers have stopped."""
-        try:
-            if function(*args) is True and stop_on_true:
-                return InterruptedError("Interrupted by check_interrupt().")
-        except Exception as error:  # noqa: BLE001
-            return error
-        return None

@@ -1,4 +1,4 @@
-"""Block swap (wanvideo/parallel/offload.py) against the plain resident model.
+"""Block swap (wanvideo/engine/block_swap.py) against the plain resident model.
 
 On CPU the swapper runs its whole logic (packing, slot ring, prefetch order, hooks) with synchronous
 copies; the CUDA tests at the end (streams, events, pinned memory) run where a GPU is present.
@@ -13,7 +13,7 @@ import torch
 
 from conftest import relative_error
 from wanvideo.checkpoint import load_wan_model
-from wanvideo.parallel.offload import (ALIGNMENT, BlockSwapSettings, _consume_stale_cuda_error, enable_block_swap,
+from wanvideo.engine.block_swap import (ALIGNMENT, BlockSwapSettings, _consume_stale_cuda_error, enable_block_swap,
                                       get_block_swapper)
 
 NUM_BLOCKS = 4  # the tiny model's
@@ -134,7 +134,7 @@ def test_upload_order_over_two_steps(tiny_checkpoints, blocks_to_swap, prefetch_
 
 
 def test_swapping_no_more_blocks_than_slots_warns(tiny_checkpoints, caplog):
-    with caplog.at_level(logging.WARNING, logger="wanvideo.parallel.offload"):
+    with caplog.at_level(logging.WARNING, logger="wanvideo.engine.block_swap"):
         enable_block_swap(load(tiny_checkpoints), "cpu", BlockSwapSettings(blocks_to_swap=2, prefetch_blocks=1))
     assert "saves no memory" in caplog.text
 

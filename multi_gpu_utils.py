@@ -19,6 +19,7 @@ import sys
 from wanvideo.benchmark import (BENCHMARK_STRATEGIES, CPU_WORKLOAD, GPU_WORKLOAD, BenchmarkRunnable, BenchmarkSettings,
                                 benchmark_defaults, benchmark_multi_gpu_performance, check_video_size,
                                 format_benchmark_table, format_progress, register_benchmark_strategy)
+from wanvideo.cli import OneLineArgumentParser, number_at_least, run_reporting_errors
 from wanvideo.devices import parse_devices, parse_gpu_ids
 from wanvideo.gpus import (GIB, MemoryUsageReport, format_gpu_status, get_available_gpus, get_gpu_info,
                            monitor_memory_usage, print_gpu_status, validate_gpu_setup)
@@ -33,24 +34,6 @@ __all__ = [
 PROG = "multi_gpu_utils.py"
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line like every other error of the command, not usage + error
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _number(kind, minimum):
-    """An argparse type: an int or float of at least `minimum`, refused with the value named."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text} is too small: give {minimum} or more")
-        return value
-    return parse
-
-
 def _add_workload_arguments(parser, by_device):
     """Size and precision options. by_device: None when not given, then chosen for the devices
     (benchmark_defaults); else the GPU workload's values."""
@@ -62,23 +45,23 @@ def _add_workload_arguments(parser, by_device):
                             ("--height", "height", "video height in pixels, a multiple of 16"),
                             ("--frames", "num_frames", "number of frames, 4n + 1")):
         value, note = default(key)
-        parser.add_argument(flag, type=_number(int, 1), default=value, help=f"{text} ({note})")
+        parser.add_argument(flag, type=number_at_least(int, 1), default=value, help=f"{text} ({note})")
     value, note = default("base_precision")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=value, help=f"base precision ({note})")
     parser.add_argument("--quantization", default="disabled", choices=("disabled", "fp8_e4m3fn", "fp8_e5m2",
                                                                        "fp8_e4m3fn_fast"),
                         help="fp8 storage of the block weights")
-    parser.add_argument("--batch-size", type=_number(int, 1), default=1, help="videos per step (default 1)")
+    parser.add_argument("--batch-size", type=number_at_least(int, 1), default=1, help="videos per step (default 1)")
     parser.add_argument("--no-cfg", action="store_true", help="guidance scale 1: no uncond branch")
 
 
 def _build_parser():
     # Accepted before and after the command; SUPPRESS: a subparser's default must not hide a flag given before it.
-    common = _ArgumentParser(add_help=False)
+    common = OneLineArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress (INFO)")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error")
-    parser = _ArgumentParser(prog=PROG, parents=[common], description="GPUs for Wan 2.1: status, validation, "
+    parser = OneLineArgumentParser(prog=PROG, parents=[common], description="GPUs for Wan 2.1: status, validation, "
                              "recommended parallelism, benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True)
     add = lambda name, **kwargs: commands.add_parser(name, parents=[common], **kwargs)
@@ -86,7 +69,7 @@ def _build_parser():
     status.add_argument("--json", action="store_true", help="print the inventory as JSON")
     validate = add("validate", help="check GPU ids", description="Check that GPU ids can be used.")
     validate.add_argument("gpu_ids", help='GPU ids, e.g. "0,1"')
-    validate.add_argument("--min-free-gib", type=_number(float, 0),
+    validate.add_argument("--min-free-gib", type=number_at_least(float, 0),
                           help="each GPU needs at least this much free memory")
     validate.add_argument("--max-utilization", type=float, help="no GPU may be busier (percent)")
     recommend = add("recommend", help="plan the parallelism for a model",
@@ -100,9 +83,9 @@ def _build_parser():
     _add_workload_arguments(bench, by_device=True)
     bench.add_argument("--configs", help=f"comma-separated strategies (default: all; "
                                          f"registered: {', '.join(BENCHMARK_STRATEGIES)})")
-    bench.add_argument("--steps", type=_number(int, 1), default=3, help="timed steps per configuration (default 3)")
-    bench.add_argument("--warmup-steps", type=_number(int, 0), default=1, help="untimed steps first (default 1)")
-    bench.add_argument("--blocks-to-swap", type=_number(int, 0),
+    bench.add_argument("--steps", type=number_at_least(int, 1), default=3, help="timed steps per configuration (default 3)")
+    bench.add_argument("--warmup-steps", type=number_at_least(int, 0), default=1, help="untimed steps first (default 1)")
+    bench.add_argument("--blocks-to-swap", type=number_at_least(int, 0),
                        help="blocks kept in CPU memory for block_swap (default half)")
     bench.add_argument("--devices", help='"cpu", or GPU ids such as "0,1" (default: every GPU, else the CPU)')
     bench.add_argument("--output-dir", help="write benchmark_results.json and benchmark_chart.png here")
@@ -166,20 +149,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(message)s")
     command = dict(status=_status, validate=_validate, recommend=_recommend, benchmark=_benchmark)[args.command]
-    try:
-        return command(args)
-    except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted.", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if debug:
-            raise
-        # ValueError and OSError carry messages written for people; anything else is named by its type.
-        known = isinstance(error, (ValueError, OSError))
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{PROG} {args.command}: error: {message if known else f'{type(error).__name__}: {message}'}"
-              f"{'' if known else ' (--debug shows the traceback)'}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(lambda: command(args), f"{PROG} {args.command}", debug)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,14 @@ BLOCK_SWAP_TYPE = "WANVIDEO_MGPU_BLOCKSWAP"
 LORA_TYPE = "WANVIDEO_MGPU_LORA"
 COMPILE_TYPE = "WANVIDEO_MGPU_COMPILE"
 CATEGORY = "WanVideoMultiGPU"
+LORA_TARGETS = ("both", "high_noise", "low_noise")  # the LoRA chain's entries: (path, strength, applies_to)
+
+
+def loras_for(chain, expert=None):
+    """The chain's (path, strength) pairs that merge into `expert` ('high_noise' / 'low_noise' of a
+    Wan 2.2 A14B pair; None: a single model, which takes every LoRA)."""
+    return [(entry[0], entry[1]) for entry in chain or []
+            if expert is None or (entry[2] if len(entry) > 2 else "both") in ("both", expert)]
 
 
 class WanMultiGPUModelLoader:
@@ -44,6 +52,11 @@ class WanMultiGPUModelLoader:
                 "block_swap_args": (BLOCK_SWAP_TYPE, {"tooltip": "Block swap settings: keep some blocks in CPU memory to "
                                                                  "fit a model larger than the GPU."}),
                 "compile_args": (COMPILE_TYPE, {"tooltip": "torch.compile settings for the transformer blocks."}),
+                "low_noise_model": (["none"] + comfy_host.list_model_files("diffusion_models"), {
+                    "default": "none", "tooltip": "Wan 2.2 A14B only: the low-noise expert file (e.g. "
+                                                  "wan2.2_t2v_low_noise_14B_fp16.safetensors); the main model is then "
+                                                  "the high-noise expert. Both load with the same settings and strategy; "
+                                                  "the sampler switches at the boundary. none: one model."}),
             },
         }
 
@@ -57,8 +70,17 @@ class WanMultiGPUModelLoader:
     def settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora=None,
                              block_swap_args=None, compile_args=None):
         return api.LoadSettings(base_precision=base_precision, quantization=quantization, attention_mode=attention_mode,
-                            load_device=load_device, loras=list(lora or []), block_swap=block_swap_args,
+                            load_device=load_device, loras=loras_for(lora), block_swap=block_swap_args,
                             compile_args=compile_args)
+
+    @staticmethod
+    def pair_inputs(low_noise_model, lora):
+        """The api.load arguments of a Wan 2.2 A14B pair (none for one model): the low-noise file and
+        each expert's LoRAs (the LoRA chain's applies_to)."""
+        if low_noise_model in (None, "none"):
+            return {}
+        return {"low_noise_path": comfy_host.model_file_path("diffusion_models", low_noise_model),
+                "loras_by_expert": {expert: loras_for(lora, expert) for expert in ("high_noise", "low_noise")}}
 
     def release_previous(self):
         """Unload what this node loaded last time: ComfyUI still caches it while the new load runs,
@@ -70,17 +92,20 @@ class WanMultiGPUModelLoader:
         comfy_host.free_memory_for_run()
 
     def remember(self, pipeline):
+        """Keep a weak reference for release_previous, and put the pipeline under ComfyUI's memory
+        management ('Unload Models' and ComfyUI's own need for memory make it step aside)."""
         self._previous = weakref.ref(pipeline)
-        return pipeline
+        return comfy_host.manage_memory(pipeline)
 
     def load(self, model, base_precision, quantization, load_device, attention_mode, lora=None,
-             block_swap_args=None, compile_args=None):
+             block_swap_args=None, compile_args=None, low_noise_model="none"):
         path = comfy_host.model_file_path("diffusion_models", model)
         settings = self.settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora,
                                              block_swap_args, compile_args)
+        pair = self.pair_inputs(low_noise_model, lora)
         self.release_previous()
         pipeline = api.load(path, "none", settings=settings, device=comfy_host.main_device(),
-                            offload_device=comfy_host.offload_device())
+                            offload_device=comfy_host.offload_device(), **pair)
         return (self.remember(pipeline),)
 
 
@@ -116,6 +141,11 @@ class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
                                "tooltip": "Planned video height (activation reserve)."}),
             "num_frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4,
                                    "tooltip": "Planned frame count (activation reserve)."}),
+            "shard_weights": (list(api.SHARD_WEIGHTS_CHOICES), {
+                "default": "auto", "tooltip": "distributed only. on: each GPU holds 1/N of the weights and gathers "
+                                              "each block from the others as it runs (runs a model no single GPU "
+                                              "holds; adds traffic between the GPUs). off: every GPU holds a whole "
+                                              "copy. auto: on when a whole copy does not fit a GPU's free memory."}),
         })
         return inputs
 
@@ -126,10 +156,12 @@ class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
 
     def load(self, model, base_precision, quantization, load_device, attention_mode, parallelism_type="auto",
              gpu_ids="0,1", enable_block_distribution=True, pipeline_cfg_branches=True, width=832, height=480,
-             num_frames=81, lora=None, block_swap_args=None, compile_args=None):
+             num_frames=81, shard_weights="auto", lora=None, block_swap_args=None, compile_args=None,
+             low_noise_model="none"):
         path = comfy_host.model_file_path("diffusion_models", model)
         settings = self.settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora,
                                              block_swap_args, compile_args)
+        pair = self.pair_inputs(low_noise_model, lora)  # the same strategy and settings for both experts
         is_valid, message = api.validate_gpu_setup(gpu_ids) if gpu_ids.strip() else (True, "")
         if not is_valid:
             logger.warning("GPU check: %s", message)
@@ -138,7 +170,7 @@ class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
         self.release_previous()
         pipeline = api.load(path, parallelism_type, gpu_ids, settings, width=width, height=height,
                             num_frames=num_frames, enable_block_distribution=enable_block_distribution,
-                            pipeline_branches=pipeline_cfg_branches)
+                            pipeline_branches=pipeline_cfg_branches, shard_weights=shard_weights, **pair)
         plan = pipeline.describe() + "\n" + api.memory_per_device()
         logger.info("Multi-GPU plan:\n%s", plan)
         return (self.remember(pipeline), plan)
@@ -189,6 +221,11 @@ class WanMultiGPULoraSelect:
             },
             "optional": {
                 "prev_lora": (LORA_TYPE, {"tooltip": "LoRAs chosen before this one; they are merged in order."}),
+                "applies_to": (list(LORA_TARGETS), {
+                    "default": "both", "tooltip": "Wan 2.2 A14B pairs: which expert this LoRA merges into (both, "
+                                                  "high_noise: the loader's main model, low_noise: its low_noise_model; "
+                                                  "e.g. the lightx2v 4-step LoRAs come as a high- and a low-noise "
+                                                  "file). A single model takes every LoRA."}),
             },
         }
 
@@ -198,8 +235,10 @@ class WanMultiGPULoraSelect:
     CATEGORY = CATEGORY
     DESCRIPTION = "Selects a LoRA to merge into the model at load."
 
-    def select(self, lora, strength, prev_lora=None):
-        return (list(prev_lora or []) + [(comfy_host.model_file_path("loras", lora), strength)],)
+    def select(self, lora, strength, prev_lora=None, applies_to="both"):
+        if applies_to not in LORA_TARGETS:
+            raise ValueError(f"applies_to {applies_to!r} is not one of {', '.join(LORA_TARGETS)}.")
+        return (list(prev_lora or []) + [(comfy_host.model_file_path("loras", lora), strength, applies_to)],)
 
 
 class WanMultiGPUCompileSettings:
@@ -208,7 +247,8 @@ class WanMultiGPUCompileSettings:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "mode": (["default", "max-autotune-no-cudagraphs", "reduce-overhead"], {
+            # no CUDA-graph modes: compile_blocks refuses them (one graph serves every block, see its docstring)
+            "mode": (["default", "max-autotune-no-cudagraphs"], {
                 "default": "default", "tooltip": "torch.compile mode; max-autotune takes longer to compile."}),
             "dynamic": ("BOOLEAN", {"default": False, "tooltip": "Compile for varying shapes (fewer recompiles when "
                                                                   "the resolution changes, slightly slower kernels)."}),

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from . import comfy_host
 from .wanvideo.api import (CLIP_DIM, CLIP_TOKENS, LATENT_CHANNELS, SCHEDULERS, SPATIAL_COMPRESSION, Conditioning,
-                           denormalize_latents, latent_frame_count, make_noise, normalize_latents)
+                           ExpertPairPipeline, check_video_size, denormalize_latents, latent_frame_count, make_noise,
+                           normalize_latents)
 
 logger = logging.getLogger(__name__)
 
@@ -14,16 +15,16 @@ MODEL_TYPE = "WANVIDEO_MGPU_MODEL"
 MASK_CHANNELS = 4
 
 
-def _conditioning_entry(conditioning, name):
+def _conditioning_entry(conditioning, name, text_dim=4096):
     if not isinstance(conditioning, (list, tuple)) or not conditioning or len(conditioning[0]) != 2:
         raise ValueError(f"{name} is not ComfyUI CONDITIONING (a list of [tensor, dict]); connect a CLIPTextEncode "
                          "(CLIPLoader type 'wan') or WanImageToVideo output.")
     if len(conditioning) > 1:
         logger.warning("%s has %d entries (combined prompts); only the first is used.", name, len(conditioning))
     text, extras = conditioning[0]
-    if text.dim() != 3 or text.shape[-1] != 4096:
-        raise ValueError(f"{name} holds text embeddings of shape {tuple(text.shape)}; Wan 2.1 needs umT5-XXL "
-                         "embeddings (1, L, 4096): load the text encoder with CLIPLoader type 'wan'.")
+    if text.dim() != 3 or text.shape[-1] != text_dim:
+        raise ValueError(f"{name} holds text embeddings of shape {tuple(text.shape)}; this Wan model needs umT5-XXL "
+                         f"embeddings (1, L, {text_dim}): load the text encoder with CLIPLoader type 'wan'.")
     return text, extras
 
 
@@ -57,9 +58,10 @@ def _image_condition(extras, batch, frames, height, width):
     return y.expand(batch, -1, -1, -1, -1) if y.shape[0] == 1 else y
 
 
-def comfy_to_conditioning(conditioning, name, model_type, batch, latent_shape):
-    """ComfyUI CONDITIONING -> one Conditioning branch for `batch` videos of latent shape (T, h, w)."""
-    text, extras = _conditioning_entry(conditioning, name)
+def comfy_to_conditioning(conditioning, name, model_type, batch, latent_shape, text_dim=4096):
+    """ComfyUI CONDITIONING -> one Conditioning branch for `batch` videos of latent shape (T, h, w);
+    text_dim: the model's text embedding width (4096, umT5-XXL, for every released Wan model)."""
+    text, extras = _conditioning_entry(conditioning, name, text_dim)
     context = [text[min(i, text.shape[0] - 1)].float() for i in range(batch)]
     if model_type == "t2v":
         return Conditioning(context=context)
@@ -81,6 +83,20 @@ def comfy_to_conditioning(conditioning, name, model_type, batch, latent_shape):
                          + "). Load clip_vision_h with CLIPVisionLoader.")
     clip_fea = clip_fea.expand(batch, -1, -1) if clip_fea.shape[0] == 1 else clip_fea
     return Conditioning(context=context, clip_fea=clip_fea, y=_image_condition(extras, batch, *latent_shape))
+
+
+def expert_arguments(model, boundary, cfg_low_noise):
+    """The sampler's boundary (0: official) and cfg_low_noise (-1: cfg) -> generate's keyword
+    arguments for a Wan 2.2 A14B pair; a single model takes none (a warning if they were set)."""
+    if not isinstance(model, ExpertPairPipeline):
+        if boundary > 0 or cfg_low_noise >= 0:
+            logger.warning("boundary and cfg_low_noise apply to a Wan 2.2 A14B expert pair (a loader with a "
+                           "low_noise_model); this model is a single one, so they are ignored.")
+        return {}
+    arguments = {"boundary": boundary} if boundary > 0 else {}
+    if cfg_low_noise >= 0:
+        arguments["cfg_low_noise"] = cfg_low_noise
+    return arguments
 
 
 class WanMultiGPUSampler:
@@ -119,6 +135,14 @@ class WanMultiGPUSampler:
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Optional: a latent that sets the size (WanImageToVideo's latent, "
                                                  "EmptyHunyuanLatentVideo) or, with denoise below 1, the video to transform."}),
+                "boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.999, "step": 0.001,
+                                       "tooltip": "Wan 2.2 A14B pairs: the high-noise expert runs while the timestep "
+                                                  "is at least boundary x 1000, the low-noise one after. 0: the "
+                                                  "model's official value (0.875 t2v, 0.900 i2v)."}),
+                "cfg_low_noise": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 30.0, "step": 0.1,
+                                            "tooltip": "Wan 2.2 A14B pairs: the low-noise expert's guidance scale "
+                                                       "(cfg guides the high-noise one; official t2v: 4.0 high, 3.0 "
+                                                       "low). -1: the same as cfg."}),
             },
         }
 
@@ -129,8 +153,9 @@ class WanMultiGPUSampler:
     DESCRIPTION = "Samples a Wan 2.1 video with this package's model; decode the result with ComfyUI's VAEDecode."
 
     def sample(self, model, positive, negative, width, height, num_frames, steps, cfg, shift, seed, scheduler,
-               denoise, latent=None):
+               denoise, latent=None, boundary=0.0, cfg_low_noise=-1.0):
         init_latent = None
+        experts = expert_arguments(model, boundary, cfg_low_noise)
         if latent is not None:
             raw = latent["samples"].float()
             if raw.dim() != 5 or raw.shape[1] != LATENT_CHANNELS:
@@ -147,23 +172,24 @@ class WanMultiGPUSampler:
                                      "(VAEEncode) or set denoise to 1.")
                 init_latent = normalize_latents(raw)
         else:
-            if width % 16 or height % 16:
-                raise ValueError(f"width {width} and height {height} must be multiples of 16.")
+            check_video_size(width, height, num_frames)  # the example's and the CLI's rule: no silent rounding
             if denoise < 1.0:
                 raise ValueError(f"denoise {denoise} needs a latent to start from: connect one, or set denoise to 1.")
             shape = (1, LATENT_CHANNELS, latent_frame_count(num_frames), height // SPATIAL_COMPRESSION,
                      width // SPATIAL_COMPRESSION)
         batch, latent_shape = shape[0], shape[2:]
-        model_type = model.info.model_type
-        pos = comfy_to_conditioning(positive, "positive", model_type, batch, latent_shape)
-        neg = comfy_to_conditioning(negative, "negative", model_type, batch, latent_shape) if cfg != 1.0 else None
+        model_type, text_dim = model.info.model_type, model.info.config.get("text_dim", 4096)
+        pos = comfy_to_conditioning(positive, "positive", model_type, batch, latent_shape, text_dim)
+        neg = comfy_to_conditioning(negative, "negative", model_type, batch, latent_shape, text_dim) \
+            if cfg != 1.0 or experts.get("cfg_low_noise", 1.0) != 1.0 else None
         noise = make_noise(shape, seed)
         progress = comfy_host.ProgressReporter(steps)
-        comfy_host.free_memory_for_run()
+        # No blanket unload here: the loader put the model under ComfyUI's memory management
+        # (comfy_host.manage_memory), so generate makes just the room it needs and brings it back.
         result = model.generate(noise, pos, neg, steps=steps, cfg=cfg, shift=shift, scheduler=scheduler,
                                 denoise=denoise, init_latent=init_latent,
                                 callback=progress if progress.active else None,
-                                check_interrupt=comfy_host.check_interrupt, progress=True)
+                                check_interrupt=comfy_host.check_interrupt, progress=True, **experts)
         out = dict(latent) if latent is not None else {}
         out["samples"] = denormalize_latents(result.float().cpu())
         out.pop("noise_mask", None)

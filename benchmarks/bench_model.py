@@ -10,12 +10,14 @@ JSON to $OUT (or ./benchmarks/out) as model.json. Run it in the same call as
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 
-from wanvideo.modules import model as model_module
-from wanvideo.modules.model import WanModel
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: `python benchmarks/bench_model.py` finds wanvideo
+from wanvideo.modules import model as model_module  # noqa: E402
+from wanvideo.modules.model import WanModel  # noqa: E402
 
 SIZES = {"1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
          "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)}

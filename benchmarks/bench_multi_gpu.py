@@ -9,6 +9,9 @@ included). Writes multi_gpu.json and multi_gpu.png to $OUT.
 
     python benchmarks/bench_multi_gpu.py                   # every GPU of the machine, every case
     python benchmarks/bench_multi_gpu.py --cases 14B_720p,14B_720p_cfg1
+    python benchmarks/bench_multi_gpu.py --cases 14B_720p_sharded,1.3B_480p_group1   # weight sharding (FSDP2):
+        # distributed x2 with shard_weights 'on' next to 'off' (step time, peak memory per GPU, same output),
+        # and a group of one on one GPU with sharding on and off (must give the same output)
     python benchmarks/bench_multi_gpu.py --dry-run         # tiny model on CPU devices (gloo): checks the script
 """
 import argparse
@@ -77,7 +80,7 @@ def run_config(name, build, noise, positive, negative, steps, reference, rows, d
     return out
 
 
-def bench_case(size, resolution, strategies, gpu_counts, steps, dry_run, rows, cfg=5.0):
+def bench_case(size, resolution, strategies, gpu_counts, steps, dry_run, rows, cfg=5.0, label=None):
     path = write_checkpoint(size, f"/tmp/wan_{size}_random{'_tiny' if dry_run else ''}.safetensors", dry_run)
     width, height = RESOLUTIONS["tiny" if dry_run else resolution]
     noise = make_noise((1, 16, latent_frame_count(81 if not dry_run else 9), height // 8, width // 8), seed=1)
@@ -85,20 +88,29 @@ def bench_case(size, resolution, strategies, gpu_counts, steps, dry_run, rows, c
     positive, negative = Conditioning([torch.randn(40, 4096, generator=g)]), Conditioning([torch.randn(20, 4096, generator=g)])
     settings = LoadSettings(base_precision="fp32" if dry_run else "bf16")
     device = lambda i: torch.device("cpu") if dry_run else torch.device("cuda", i)
-    case = f"{size}_{resolution}" + ("_cfg1" if cfg == 1 else "")
+    case = label or f"{size}_{resolution}" + ("_cfg1" if cfg == 1 else "")
     one = [device(0)]
     reference = run_config(f"{case} 1 GPU", lambda: load_pipeline(path, one[0], settings), noise, positive, negative,
                            steps, None, rows, one, cfg)
+    outputs = {}
     for strategy in strategies:
         for count in gpu_counts:
             devices = [device(i) for i in range(count)]
             name, kwargs = strategy, {}
             if strategy == "block_distribution_no_pipeline":
                 name, kwargs = "block_distribution", {"pipeline_branches": False}
-            run_config(f"{case} {strategy} x{count}",
+            if strategy.startswith("distributed"):  # explicit, so 'off' and 'on' are what the rows say
+                name, kwargs = "distributed", {"shard_weights": "on" if strategy == "distributed_sharded" else "off"}
+            outputs[strategy, count] = run_config(f"{case} {strategy} x{count}",
                        lambda: load_parallel_pipeline(path, name, settings=settings, devices=devices,
                                                       width=width, height=height, **kwargs),
                        noise, positive, negative, steps, reference, rows, devices, cfg)
+    for count in gpu_counts:  # weight sharding must not change the output
+        sharded, whole = outputs.get(("distributed_sharded", count)), outputs.get(("distributed", count))
+        if sharded is not None and whole is not None:
+            rows.append(dict(config=f"{case} sharded vs unsharded x{count}",
+                             rel_err=((sharded - whole).norm() / whole.norm()).item()))
+            print(json.dumps(rows[-1]), flush=True)
     if "block_distribution" in strategies:
         swapped = 2 if dry_run else 20
         run_config(f"{case} 1 GPU + block swap {swapped}", lambda: load_pipeline(path, one[0], LoadSettings(
@@ -137,15 +149,19 @@ def main():
     plans = {"14B_720p": ["distributed"], "1.3B_480p": ["data_parallel", "distributed"],
              "14B_480p": ["block_distribution", "block_distribution_no_pipeline"],
              # cfg 1: one branch, so only sequence parallelism (Ulysses / ring) splits the work
-             "14B_720p_cfg1": ["distributed"], "1.3B_480p_cfg1": ["distributed"], "14B_480p_cfg1": ["distributed"]}
+             "14B_720p_cfg1": ["distributed"], "1.3B_480p_cfg1": ["distributed"], "14B_480p_cfg1": ["distributed"],
+             # weight sharding: 2 GPUs each holding half the weights, and a group of one (same output on and off)
+             "14B_720p_sharded": ["distributed", "distributed_sharded"],
+             "1.3B_480p_group1": ["distributed", "distributed_sharded"]}
+    fixed_counts = {"14B_480p": [2], "14B_720p_sharded": [2], "1.3B_480p_group1": [1]}
     rows = []
     for case in args.cases.split(","):
         if case not in plans:
             parser.error(f"unknown case {case!r}; choose from {', '.join(plans)}")
         size, resolution = case.split("_")[:2]
-        case_counts = [2] if case == "14B_480p" else counts
-        bench_case(size, resolution, plans[case], case_counts if counts else [], args.steps, args.dry_run, rows,
-                   cfg=1.0 if case.endswith("_cfg1") else 5.0)
+        case_counts = [n for n in fixed_counts.get(case, counts) if n <= available]
+        bench_case(size, resolution, plans[case], case_counts, args.steps, args.dry_run, rows,
+                   cfg=1.0 if case.endswith("_cfg1") else 5.0, label=case)
     out = os.environ.get("OUT", "benchmarks/out")
     os.makedirs(out, exist_ok=True)
     info = dict(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

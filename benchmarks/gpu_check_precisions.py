@@ -1,5 +1,6 @@
 """GPU check: the model in fp32, bf16 and fp16 on CUDA (a real-size 1.3B block at 480p and a whole
 tiny-model forward), each against fp32 on the same card. Run: python benchmarks/gpu_check_precisions.py"""
+import argparse
 import os
 import sys
 from dataclasses import replace
@@ -7,9 +8,12 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: `python benchmarks/gpu_check_precisions.py` finds wanvideo
 from bench_model import LATENT_FRAMES, RESOLUTIONS, build_ours  # noqa: E402
 from wanvideo.checkpoint import load_wan_model  # noqa: E402
 from wanvideo.tiny import make_tiny_checkpoint  # noqa: E402
+
+argparse.ArgumentParser(description=__doc__).parse_args()  # --help, before any CUDA work
 
 
 def rel_err(a, b):

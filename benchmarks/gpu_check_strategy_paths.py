@@ -1,12 +1,20 @@
 """GPU check: the fp8 fast path stays on after block swap and in data-parallel replicas, and a distributed
 world of one gives the plain video (tiny model). Run: python benchmarks/gpu_check_strategy_paths.py"""
+import argparse
+import os
+import sys
+
 import torch
-from wanvideo.tiny import make_tiny_checkpoint
-from wanvideo.pipeline import LoadSettings, load_pipeline
-from wanvideo.parallel import load_parallel_pipeline
-from wanvideo.engine import BlockSwapSettings
-from wanvideo.engine import fp8_fast_active
-from wanvideo.sampling import Conditioning, make_noise
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: `python benchmarks/gpu_check_strategy_paths.py` finds wanvideo
+from wanvideo.tiny import make_tiny_checkpoint  # noqa: E402
+from wanvideo.pipeline import LoadSettings, load_pipeline  # noqa: E402
+from wanvideo.parallel import load_parallel_pipeline  # noqa: E402
+from wanvideo.engine import BlockSwapSettings  # noqa: E402
+from wanvideo.engine import fp8_fast_active  # noqa: E402
+from wanvideo.sampling import Conditioning, make_noise  # noqa: E402
+
+argparse.ArgumentParser(description=__doc__).parse_args()  # --help, before any CUDA work
 path = make_tiny_checkpoint("/tmp/tiny.safetensors", "t2v", dim=128, num_heads=4, ffn_dim=256)[0]
 noise = make_noise((1, 16, 3, 8, 8), 0)
 pos, neg = Conditioning([torch.randn(5, 32)]), Conditioning([torch.randn(3, 32)])

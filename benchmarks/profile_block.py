@@ -3,12 +3,13 @@
     python benchmarks/profile_block.py [--size 1.3B] [--resolution 480p]
 """
 import argparse
+import os
 import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_model, from any working directory
 from bench_model import LATENT_FRAMES, RESOLUTIONS, build_ours  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)

@@ -283,25 +283,32 @@ def test_cuda_swap_matches_resident(tiny_checkpoints, prefetch_blocks):
 def test_cuda_streams_are_ordered_by_events(tiny_checkpoints, monkeypatch, compute_stall, copy_stall):
     """Stall the compute stream before every block and the copy stream before every upload (GPU clock
     cycles). A slow compute stream catches uploads that overwrite a slot still to be read (a missing
-    wait on the slot's free event); a slow copy stream catches blocks that read a slot before its
-    upload finished (a missing wait on the ready event). Either would change the output."""
-    resident = load(tiny_checkpoints, "t2v", device="cuda", precision="bf16")
-    model = load(tiny_checkpoints, "t2v", device="cpu", precision="bf16")
-    swapper = enable_block_swap(model, "cuda", BlockSwapSettings(blocks_to_swap=4, prefetch_blocks=1))
-    for block in model.blocks:
-        block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(compute_stall))
-    copying = swapper._streams.copying
-
-    @contextlib.contextmanager
-    def slow_copying():
-        with copying():
-            torch.cuda._sleep(copy_stall)  # queued on the copy stream, ahead of the copy
-            yield
-
-    monkeypatch.setattr(swapper._streams, "copying", slow_copying)
+    wait on the slot's free event: `copy_waits`); a slow copy stream catches blocks that read a slot
+    before its upload finished (a missing wait on the ready event: `compute_waits`). Either changes
+    the output. (Whether a run with the wait dropped does corrupt the output is a race, so it is not
+    asserted: on an H200 it did in 2 runs of 5.)"""
     inputs = make_inputs("t2v", device="cuda")
-    for swapped, expected in zip(denoise(model, inputs), denoise(resident, inputs)):
-        assert torch.equal(swapped, expected)
+    expected = denoise(load(tiny_checkpoints, "t2v", device="cuda", precision="bf16"), inputs)  # compiles too
+
+    def swapped_outputs():
+        model = load(tiny_checkpoints, "t2v", device="cpu", precision="bf16")
+        swapper = enable_block_swap(model, "cuda", BlockSwapSettings(blocks_to_swap=4, prefetch_blocks=1))
+        for block in model.blocks:
+            block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(compute_stall))
+        copying = swapper._streams.copying
+
+        @contextlib.contextmanager
+        def slow_copying():
+            with copying():
+                torch.cuda._sleep(copy_stall)  # queued on the copy stream, ahead of the copy
+                yield
+
+        monkeypatch.setattr(swapper._streams, "copying", slow_copying)
+        outputs = denoise(model, inputs)
+        torch.cuda.synchronize()
+        return outputs
+
+    assert all(torch.equal(swapped, reference) for swapped, reference in zip(swapped_outputs(), expected))
 
 
 @needs_cuda

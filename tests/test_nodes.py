@@ -63,6 +63,20 @@ def test_node_declarations(node_id, models_folder):
     assert node.CATEGORY == "WanVideoMultiGPU" and node.DESCRIPTION
 
 
+def test_compile_node_offers_only_modes_that_compile_blocks_takes():
+    """No CUDA-graph mode: on a GPU its first forward failed (one graph serves every block)."""
+    node = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUCompileSettings"]()
+    modes = node.INPUT_TYPES()["required"]["mode"][0]
+    assert "reduce-overhead" not in modes and "max-autotune" not in modes
+    engine = PACKAGE.wanvideo.engine  # the pack's own copy of the library
+    for mode in modes:
+        model = torch.nn.Module()
+        model.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+        (settings,) = node.settings(mode, dynamic=False, fullgraph=False)
+        engine.compile_blocks(model, **settings)  # lazy: checks the settings, compiles at the first call
+        assert engine.is_block_compiled(model.blocks[0])
+
+
 def test_node_ids_do_not_collide():
     ours = set(PACKAGE.NODE_CLASS_MAPPINGS)
     taken = set(COMFY_CORE_NODE_IDS) | set(COMFY_API_WAN_NODE_IDS) | set(WANVIDEOWRAPPER_NODE_IDS)
@@ -161,7 +175,7 @@ def test_lora_select_chains_and_merges(models_folder, tmp_path):
     assert select.INPUT_TYPES()["required"]["lora"][0] == ["style.safetensors"]
     (chain,) = select.select("style.safetensors", 0.5)
     (chain,) = select.select("style.safetensors", 0.25, prev_lora=chain)
-    assert [s for _, s in chain] == [0.5, 0.25]
+    assert [(s, target) for _, s, target in chain] == [(0.5, "both"), (0.25, "both")]
     with_lora, _ = run_workflow("t2v", lora=chain)
     assert not torch.allclose(with_lora, run_workflow("t2v")[0])
 
@@ -190,26 +204,67 @@ def test_video_to_video_needs_a_latent(models_folder):
     (full,) = sampler.sample(pipeline, cond, cond, 48, 32, 5, 2, 5.0, 3.0, 0, "euler", 1.0, latent={"samples": raw})
     # a light denoise stays closer to the input video than a full one
     assert (out["samples"] - raw).norm() < (full["samples"] - raw).norm()
-    assert torch.allclose(normalize_latents(raw), normalize_latents(raw))
+    # the input is normalised with the published Wan 2.1 VAE statistics (wan/modules/vae.py), typed
+    # here for a few channels rather than read from the package
+    for channel, mean, std in ((0, -0.7571, 2.8184), (7, 1.5508, 2.0743), (15, -0.2921, 1.9160)):
+        assert torch.allclose(normalize_latents(raw)[:, channel], (raw[:, channel] - mean) / std)
 
 
 @pytest.mark.parametrize("strategy", ["data_parallel", "block_distribution"])
 def test_multi_gpu_loader_node(models_folder, monkeypatch, strategy):
     """The documented node on two CPU 'devices' gives the standard loader's video and shows its plan."""
     load_module = sys.modules[f"{PACKAGE.__name__}.wanvideo.parallel.load"]  # the pack's own copy of the library
-    monkeypatch.setattr(load_module, "resolve_devices", lambda gpu_ids, devices=None: [torch.device("cpu")] * 2)
+    cpus = [torch.device("cpu", 0), torch.device("cpu", 1)]  # distinct: data_parallel makes two replicas
+    monkeypatch.setattr(load_module, "resolve_devices", lambda gpu_ids, devices=None: cpus)
     monkeypatch.setattr(PACKAGE.wanvideo.api, "validate_gpu_setup", lambda gpu_ids: (True, "ok"))
     node = PACKAGE.NODE_CLASS_MAPPINGS["WanVideoMultiGPULoader"]()
     required = node.INPUT_TYPES()["required"]
     assert required["parallelism_type"][1]["default"] == "auto" and required["gpu_ids"][1]["default"] == "0,1"
     pipeline, plan = node.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa",
                                parallelism_type=strategy, gpu_ids="0,1")
-    assert ("replica" in plan) if strategy == "data_parallel" else ("cpu: blocks 0-1" in plan and "head" in plan)
+    assert ("replica" in plan) if strategy == "data_parallel" else ("cpu:0: blocks 0-1" in plan and "head" in plan)
+    items_per_forward = {}  # per data-parallel replica: the batch size of each of its forwards
+    for replica in getattr(pipeline.denoiser, "replicas", []):
+        record = items_per_forward.setdefault(id(replica), [])
+        replica.register_forward_pre_hook(lambda module, args, kwargs, record=record: record.append(len(kwargs["x"])),
+                                          with_kwargs=True)
     sampler = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]()
     (out,) = sampler.sample(pipeline, text_conditioning(1), text_conditioning(2), 48, 32, 5, steps=3, cfg=5.0,
                             shift=3.0, seed=7, scheduler="unipc", denoise=1.0)
     reference, _ = run_workflow("t2v")
     assert relative_error(out["samples"], reference) <= 1e-5
+    if strategy == "data_parallel":  # two replicas, each ran cond or uncond at every step
+        assert list(items_per_forward.values()) == [[1, 1, 1], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(num_frames=10), r"num_frames=10 is not valid.*9 or 13 are near"),  # was silently 9 frames
+    (dict(width=40), r"width=40 is not valid.*32 or 48 are near"),
+    (dict(height=0), "height=0 is not valid"),
+    (dict(cfg=0.5), "cfg must be a finite number of at least 1"),             # the widget's min, said for the API
+    (dict(steps=0), "steps must be a positive integer"),
+    (dict(scheduler="ddim"), "Unknown scheduler 'ddim'"),
+    (dict(latent={"samples": torch.zeros(1, 16, 0, 4, 6)}), "every size at least 1"),
+])
+def test_sampler_node_refuses_bad_inputs_in_one_message(models_folder, change, match):
+    loader = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUModelLoader"]()
+    (pipeline,) = loader.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa")
+    inputs = dict(model=pipeline, positive=text_conditioning(1), negative=text_conditioning(2), width=48, height=32,
+                  num_frames=5, steps=2, cfg=5.0, shift=3.0, seed=0, scheduler="euler", denoise=1.0)
+    with pytest.raises(ValueError, match=match):
+        PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(**dict(inputs, **change))
+
+
+def test_sampler_node_checks_the_text_width_against_the_model(models_folder):
+    """A model whose text embedding is not 4096 wide gets one clear message, not the first Linear's
+    "mat1 and mat2 shapes cannot be multiplied"."""
+    make_tiny_checkpoint(models_folder / "wan_tiny_narrow.safetensors", "t2v", prefix="model.diffusion_model.",
+                         text_dim=32)
+    loader = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUModelLoader"]()
+    (pipeline,) = loader.load("wan_tiny_narrow.safetensors", "fp32", "disabled", "main_device", "sdpa")
+    with pytest.raises(ValueError, match=r"positive holds text embeddings of shape \(1, 512, 4096\).*\(1, L, 32\)"):
+        PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(
+            pipeline, text_conditioning(1), text_conditioning(2), 48, 32, 5, 2, 5.0, 3.0, 0, "euler", 1.0)
 
 
 def test_image_conditioning_edge_cases():

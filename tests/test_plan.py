@@ -175,7 +175,7 @@ def test_14b_bf16_on_24gb_swaps_the_fewest_blocks_that_fit(real_size):
 
 def test_two_24gb_gpus_split_14b_blocks_and_swap_less_than_one_gpu(real_size):
     gpus = inventory(24, 24)
-    config = plan_parallelism(real_size["14B"], gpus)
+    config = plan_parallelism(real_size["14B"], gpus, shard_weights="off")  # sharded: test_distributed_sharding.py
     assert config["parallelism_type"] == "block_distribution" and config["gpu_ids"] == [0, 1]
     assert sum(config["blocks_per_gpu"]) == 40 and min(config["blocks_per_gpu"]) > 0
     assert_fits(config, gpus)
@@ -228,11 +228,12 @@ def test_a_gpu_that_holds_too_little_is_left_out(real_size, small_gib):
 
 def test_four_16gb_gpus(real_size):
     gpus = inventory(16, 16, 16, 16)
-    bf16 = plan_parallelism(real_size["14B"], gpus)
+    assert plan_parallelism(real_size["14B"], gpus)["shard_weights"] == "on"  # distributed, 1/4 of the weights each
+    bf16 = plan_parallelism(real_size["14B"], gpus, shard_weights="off")
     assert bf16["parallelism_type"] == "block_distribution" and bf16["blocks_to_swap"] > 0
     assert sum(bf16["blocks_per_gpu"]) == 40
     assert_fits(bf16, gpus)
-    fp8 = plan_parallelism(real_size["14B"], gpus, quantization="fp8_e4m3fn")
+    fp8 = plan_parallelism(real_size["14B"], gpus, quantization="fp8_e4m3fn", shard_weights="off")
     assert fp8["parallelism_type"] == "block_distribution" and fp8["blocks_to_swap"] == 0
     assert fp8["quantization"] == "fp8_e4m3fn"
     assert_fits(fp8, gpus)

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from wanvideo.sampling import (SCHEDULERS, Conditioning, FlowEulerScheduler, FlowUniPCScheduler, flow_sigmas,
                                make_noise, make_scheduler, sample_video)
+from wanvideo.sampling.loop import check_inputs
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -351,6 +352,42 @@ def test_loop_rejects_bad_input():
     bad_y = Conditioning(pos.context, y=torch.zeros(2, 20, 3, 4, 4))
     with pytest.raises(ValueError, match="positive.y has shape"):
         sample_video(model, noise, bad_y, cfg=1.0, steps=2, progress=False)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(noise=torch.zeros(1, 16, 3, 4, 0)), r"every size at least 1; got \(1, 16, 3, 4, 0\)"),
+    (dict(noise=torch.zeros(0, 16, 3, 4, 6)), "every size at least 1"),
+    (dict(cfg=-3.0), "cfg must be a finite number of at least 1.*-3.0"),
+    (dict(cfg=0.5), "at least 1"),
+    (dict(cfg=True), "cfg must be"),
+    (dict(steps=0), "steps must be a positive integer; got 0"),
+    (dict(shift=-1.0), "shift must be a positive number"),
+    (dict(scheduler="ddim"), "Unknown scheduler 'ddim'"),
+    (dict(denoise=-0.5), r"denoise must be in \(0, 1\]; got -0.5"),
+    (dict(text_dim=4096), r"positive.context\[0\] is 8 wide; this model takes text embeddings 4096 wide"),
+    (dict(positive=Conditioning([torch.zeros(1, 6, 8)])), r"positive.context\[0\] has shape \(1, 6, 8\)"),
+    (dict(negative=Conditioning([torch.zeros(0, 8)])), r"negative.context\[0\] has shape \(0, 8\)"),
+])
+def test_check_inputs_refuses_every_bad_input_up_front(change, match):
+    """The one input check the nodes, the example and the distributed client call before any work."""
+    pos, neg = make_conds(1)
+    inputs = dict(noise=make_noise((1, 16, 3, 4, 6), 0), positive=pos, negative=neg, cfg=5.0, steps=4, shift=5.0,
+                  scheduler="unipc", text_dim=8)
+    check_inputs(**inputs)  # the unchanged inputs pass
+    with pytest.raises(ValueError, match=match):
+        check_inputs(**dict(inputs, **change))
+
+
+def test_a_real_model_refuses_text_of_the_wrong_width_in_words(tmp_path):
+    """Not PyTorch's "mat1 and mat2 shapes cannot be multiplied" from the text embedding's Linear."""
+    from wanvideo.checkpoint import load_wan_model
+    from wanvideo.tiny import make_tiny_checkpoint
+    path, config, _ = make_tiny_checkpoint(tmp_path / "t2v.safetensors", "t2v")
+    model = load_wan_model(path, base_precision="fp32")
+    pos, neg = make_conds(1, text_dim=config["text_dim"] + 1)
+    with pytest.raises(ValueError, match=f"is {config['text_dim'] + 1} wide; this model takes text embeddings "
+                                         f"{config['text_dim']} wide"):
+        sample_video(model, make_noise((1, 16, 1, 2, 2), 0), pos, neg, steps=1, progress=False)
 
 
 # --- end to end with the tiny real model --------------------------------------------------------

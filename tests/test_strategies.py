@@ -1,6 +1,8 @@
 """data_parallel and block_distribution on CPU devices: the same videos as one device, and
 graceful degradation when devices are unusable or run out of memory."""
 import logging
+import threading
+import time
 
 import pytest
 import torch
@@ -13,10 +15,12 @@ from wanvideo.devices import DeviceOutOfMemoryError
 from wanvideo.gpus import discovery
 from wanvideo.parallel import MultiGPUWanModel, distribute_model_blocks, get_available_gpus, setup_multi_gpu_parallelism
 from wanvideo.parallel.block_distribution import PipelinedBlockRunner, blocks_per_device_by_memory
+from wanvideo.parallel.data_parallel import DataParallelWan, split_evenly
 from wanvideo.pipeline import LoadSettings, load_pipeline
 from wanvideo.sampling import Conditioning, make_noise
 
 CPU = torch.device("cpu")
+CPUS = [torch.device("cpu", i) for i in range(3)]  # distinct devices: data_parallel makes one replica each
 SETTINGS = LoadSettings(base_precision="fp32")
 
 
@@ -33,6 +37,19 @@ def generate(pipeline, model_type, batch=1, cfg=4.0):
                              steps=3, cfg=cfg, shift=3.0, scheduler="unipc", progress=False)
 
 
+def record_replica_calls(denoiser):
+    """For each distinct replica of a data-parallel denoiser, the list that its forwards append to:
+    (items of x, rows of clip_fea or None) per call."""
+    calls = {}
+    for replica in denoiser.replicas:
+        if id(replica) not in calls:
+            calls[id(replica)] = record = []
+            replica.register_forward_pre_hook(lambda module, args, kwargs, record=record: record.append(
+                (len(kwargs["x"]), None if kwargs["clip_fea"] is None else kwargs["clip_fea"].shape[0])),
+                with_kwargs=True)
+    return list(calls.values())
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoints):
     """Single-device videos for t2v and i2v, batch 1 and 2."""
@@ -47,8 +64,8 @@ def reference(tiny_checkpoints):
 @pytest.mark.parametrize("model_type", ["t2v", "i2v"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("strategy, devices, kwargs", [
-    ("data_parallel", [CPU, CPU], {}),
-    ("data_parallel", [CPU, CPU, CPU], {}),
+    ("data_parallel", CPUS[:2], {}),
+    ("data_parallel", CPUS, {}),
     ("block_distribution", [CPU, CPU], {}),
     ("block_distribution", [CPU, CPU, CPU], {"blocks_per_gpu": [2, 1, 1]}),
     ("block_distribution", [CPU, CPU], {"pipeline_branches": False}),
@@ -57,8 +74,14 @@ def reference(tiny_checkpoints):
 def test_strategy_matches_single_device(tiny_checkpoints, reference, model_type, batch, strategy, devices, kwargs):
     pipeline = parallel.load_parallel_pipeline(tiny_checkpoints[model_type][0], strategy, settings=SETTINGS,
                                                devices=devices, **kwargs)
+    calls = record_replica_calls(pipeline.denoiser) if strategy == "data_parallel" else None
     assert relative_error(generate(pipeline, model_type, batch), reference[model_type, batch]) <= 1e-5
     assert pipeline.denoiser.prefers_batched_cfg is kwargs.get("pipeline_branches", True)
+    if calls is not None:  # one replica per device, each ran its share of cond + uncond at every step
+        shares = [stop - start for start, stop in split_evenly(2 * batch, len(devices))]
+        assert len(calls) == len(devices)
+        for replica_calls, share in zip(calls, shares):
+            assert replica_calls == [(share, share if model_type == "i2v" else None)] * (3 if share else 0)
     description = pipeline.describe()
     assert ("replica" in description) if strategy == "data_parallel" else ("blocks 0-" in description)
     pipeline.unload()
@@ -94,6 +117,63 @@ def test_pipeline_schedule_overlaps_branches():
     assert calls == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
 
 
+class FakeReplica:
+    """A stand-in replica that notes which items each forward got (x holds the item's index), how many
+    forwards ran at once, and fails on demand."""
+    patch_size = (1, 2, 2)
+
+    def __init__(self, seconds=0.0, error=None):
+        self.seconds, self.error = seconds, error
+        self.calls, self.running, self.most_running, self.finished = [], 0, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, x, t, context, seq_len=None, clip_fea=None, y=None):
+        with self.lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            time.sleep(self.seconds)
+            if self.error is not None:
+                raise self.error
+            items = [int(u.flatten()[0]) for u in x]
+            self.calls.append((items, clip_fea[:, 0].tolist(), t.tolist(), [int(c[0, 0]) for c in context]))
+            return [u * 10 for u in x]
+        finally:
+            with self.lock:
+                self.running -= 1
+                self.finished += 1
+
+
+def fake_batch(batch, images_per_item=2):
+    """x, t, context and clip_fea whose entries for item i all hold i (clip rows: 100 i + image)."""
+    x = [torch.full((2, 1, 2, 2), float(i)) for i in range(batch)]
+    clip = torch.tensor([[100.0 * i + image] for i in range(batch) for image in range(images_per_item)])
+    return x, torch.arange(batch, dtype=torch.float32), [torch.full((3, 4), float(i)) for i in range(batch)], clip
+
+
+def test_data_parallel_waits_for_every_replica_before_raising():
+    """A retry after a failure must not find a replica still running its last forward."""
+    failing, slow = FakeReplica(error=RuntimeError("replica 0 failed (injected)")), FakeReplica(seconds=0.3)
+    parallel_model = DataParallelWan([failing, slow], CPUS[:2])
+    x, t, context, clip = fake_batch(2)
+    with pytest.raises(RuntimeError, match="injected"):
+        parallel_model(x, t, context, clip_fea=clip)
+    assert slow.finished == 1 and slow.running == 0
+
+
+def test_data_parallel_runs_a_repeated_replica_on_one_thread():
+    """[cuda:0, cuda:1, cuda:0] (given as devices=): the replica of cuda:0 gets items 0 and 2 in one
+    forward, never two forwards at once; every item comes back in its place, with its own clip rows."""
+    shared, other = FakeReplica(seconds=0.1), FakeReplica(seconds=0.1)
+    parallel_model = DataParallelWan([shared, other, shared], [CPUS[0], CPUS[1], CPUS[0]])
+    x, t, context, clip = fake_batch(3)
+    outputs = parallel_model(x, t, context, clip_fea=clip)
+    assert [int(u.flatten()[0]) for u in outputs] == [0, 10, 20]
+    assert shared.most_running == 1
+    assert shared.calls == [([0, 2], [0.0, 1.0, 200.0, 201.0], [0.0, 2.0], [0, 2])]
+    assert other.calls == [([1], [100.0, 101.0], [1.0], [1])]
+
+
 def test_documented_model_arguments_and_functions(tiny_checkpoints):
     path = tiny_checkpoints["t2v"][0]
     plain = load_wan_model(path, base_precision="fp32")
@@ -105,7 +185,8 @@ def test_documented_model_arguments_and_functions(tiny_checkpoints):
             MultiGPUWanModel(parallelism_type="pipeline")
     distributed = setup_multi_gpu_parallelism(model, devices=[CPU, CPU])
     replicas = setup_multi_gpu_parallelism(load_wan_model(path, base_precision="fp32"), "data_parallel",
-                                           devices=[CPU, CPU])
+                                           devices=CPUS[:2])
+    calls = record_replica_calls(replicas)
     g = torch.Generator().manual_seed(0)
     x, t, ctx = [torch.randn(16, 3, 4, 6, generator=g) for _ in range(2)], torch.tensor([300.0, 800.0]), \
         [torch.randn(4, 32, generator=g), torch.randn(6, 32, generator=g)]
@@ -114,6 +195,7 @@ def test_documented_model_arguments_and_functions(tiny_checkpoints):
         for strategy in (distributed, replicas):
             for out, ref in zip(strategy(x, t, ctx), expected):
                 assert relative_error(out, ref) <= 1e-5
+    assert calls == [[(1, None)], [(1, None)]]  # two replicas, one item each
     with pytest.raises(ValueError, match="load_parallel_pipeline"):
         setup_multi_gpu_parallelism(plain, "distributed", devices=[CPU])
     with pytest.raises(ValueError, match="at least one block"):
@@ -224,7 +306,7 @@ def test_benchmark_includes_the_in_process_strategies(tiny_checkpoints):
     import multi_gpu_utils
     rows = multi_gpu_utils.benchmark_multi_gpu_performance(
         tiny_checkpoints["t2v"][0], configs=["single_device", "data_parallel", "block_distribution"],
-        devices=[CPU, CPU], steps=1, width=64, height=64, num_frames=5, base_precision="fp32")
+        devices=CPUS[:2], steps=1, width=64, height=64, num_frames=5, base_precision="fp32")
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert all(r["relative_error_vs_single"] <= 1e-5 for r in rows)
 
@@ -255,9 +337,14 @@ def test_loras_are_merged_by_every_strategy(tiny_checkpoints, tmp_path):
     expected = generate(load_pipeline(path, CPU, settings), "t2v")
     assert relative_error(expected, generate(load_pipeline(path, CPU, SETTINGS), "t2v")) > 1e-3  # it matters
     for strategy in ("data_parallel", "block_distribution", "distributed"):
-        pipeline = parallel.load_parallel_pipeline(path, strategy, settings=settings, devices=[CPU, CPU])
+        # distributed runs a worker process per entry, so [cpu, cpu] is two workers there
+        devices = [CPU, CPU] if strategy == "distributed" else CPUS[:2]
+        pipeline = parallel.load_parallel_pipeline(path, strategy, settings=settings, devices=devices)
+        calls = record_replica_calls(pipeline.denoiser) if strategy == "data_parallel" else None
         try:
             assert relative_error(generate(pipeline, "t2v"), expected) <= 1e-5, strategy
+            if calls is not None:  # both replicas ran, so both merged the LoRA
+                assert len(calls) == 2 and all(calls)
         finally:
             pipeline.unload()
 
@@ -268,9 +355,10 @@ def test_dropping_the_pipeline_frees_the_model(tiny_checkpoints, strategy, kwarg
     """What happens when ComfyUI drops the loader's output: nothing keeps the weights alive."""
     import weakref
     pipeline = parallel.load_parallel_pipeline(tiny_checkpoints["t2v"][0], strategy, settings=SETTINGS,
-                                               devices=[CPU, CPU], **kwargs)
+                                               devices=CPUS[:2], **kwargs)
     generate(pipeline, "t2v")
     models = [weakref.ref(m) for m in getattr(pipeline.denoiser, "replicas", [pipeline.denoiser])]
+    assert len({id(ref()) for ref in models}) == (2 if strategy == "data_parallel" else 1)
     del pipeline
     assert all(ref() is None for ref in models)
 

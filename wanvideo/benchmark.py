@@ -24,9 +24,10 @@ from typing import Callable, Optional
 import torch
 
 from .checkpoint import inspect_checkpoint
-from .devices import parse_devices, release_memory
+from .devices import check_devices_available, parse_devices, release_memory
 from .gpus.discovery import GIB
 from .gpus.monitor import pyplot_free_figure
+from .latent_format import check_video_size  # re-exported: the CLI and older callers import it from here
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +40,6 @@ __all__ = ["BenchmarkSettings", "BenchmarkRunnable", "BenchmarkStrategy", "BENCH
 # the minutes per step 832x480x81 takes there.
 GPU_WORKLOAD = dict(width=832, height=480, num_frames=81, base_precision="bf16")
 CPU_WORKLOAD = dict(width=64, height=48, num_frames=5, base_precision="fp32")
-VIDEO_SIZE_MULTIPLE = 16   # the VAE's 8x in height and width times the model's 2x2 patches
-FRAMES_PER_LATENT = 4      # the VAE keeps the first frame and packs 4 frames per latent frame after it
-
-
-def check_video_size(width, height, num_frames):
-    """Raise ValueError naming the value when a video size does not map onto whole latent patches:
-    width and height positive multiples of 16 pixels, num_frames 4n + 1 (1, 5, ..., 81)."""
-    for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % VIDEO_SIZE_MULTIPLE:
-            raise ValueError(f"{name}={value!r} is not valid: give a positive multiple of {VIDEO_SIZE_MULTIPLE} "
-                             f"pixels, such as 64 or 832.")
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 \
-            or (num_frames - 1) % FRAMES_PER_LATENT:
-        raise ValueError(f"num_frames={num_frames!r} is not valid: give 4n + 1 frames (1, 5, 9, ..., 81); the VAE "
-                         "keeps the first frame and packs 4 frames per latent frame after it.")
 
 
 @dataclass
@@ -201,20 +187,6 @@ def benchmark_defaults(devices):
     return dict(CPU_WORKLOAD if all(d.type == "cpu" for d in devices) else GPU_WORKLOAD)
 
 
-def _benchmark_devices(devices):
-    parsed = parse_devices(devices)
-    cuda = [d for d in parsed if d.type == "cuda"]
-    if cuda and not torch.cuda.is_available():
-        why = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA driver or GPU is usable"
-        raise ValueError(f"devices {', '.join(map(str, parsed))} name CUDA GPUs, but CUDA is not available here "
-                         f"({why}): use devices='cpu'.")
-    missing = [str(d) for d in cuda if d.index is not None and d.index >= torch.cuda.device_count()]
-    if missing:
-        raise ValueError(f"{', '.join(missing)} {'do' if len(missing) > 1 else 'does'} not exist: this process sees "
-                         f"{torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
-    return parsed
-
-
 def _prepare_output_dir(output_dir):
     """Create the folder now, so a bad path fails before minutes of benchmarking, not after."""
     try:
@@ -303,7 +275,7 @@ def benchmark_multi_gpu_performance(model_path, configs=None, steps=3, width=Non
     output_dir: also write benchmark_results.json and benchmark_chart.png there.
     Arguments are all checked (ValueError naming the value) before any model is loaded.
     """
-    devices = _benchmark_devices(devices)
+    devices = check_devices_available(devices)  # unusable CUDA devices fail before any loading
     defaults = benchmark_defaults(devices)
     given = dict(width=width, height=height, num_frames=num_frames, base_precision=settings.pop("base_precision", None))
     workload = {key: defaults[key] if value is None else value for key, value in given.items()}

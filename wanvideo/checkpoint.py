@@ -1,9 +1,10 @@
-"""Wan 2.1 checkpoints: header inspection and memory-mapped loading.
+"""Wan 2.1 and 2.2 checkpoints: header inspection and memory-mapped loading.
 
 `inspect_checkpoint` reads only the safetensors header (a few hundred KB even for 14B) and tells
-the variant, the size, the WanModel config and the bytes of every block. `load_wan_model` builds
-the model on the meta device and fills it tensor by tensor from the memory-mapped file, straight
-to the target device and dtype, so no full copy of the model ever sits in RAM.
+the variant (Wan 2.1 or 2.2 where the keys tell), the size, the WanModel config, the latent space
+and the bytes of every block. `load_wan_model` builds the model on the meta device and fills it
+tensor by tensor from the memory-mapped file, straight to the target device and dtype, so no full
+copy of the model ever sits in RAM.
 
 Safetensors only: pickle checkpoints are refused, never opened.
 """
@@ -14,11 +15,14 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 
 from .devices import DeviceOutOfMemoryError, release_memory
+from .latent_format import latent_format_for
 from .modules.model import WanModel
 from .quantization import FP8_DTYPES, QUANTIZATION_MODES, replace_linears_with_fp8
 
@@ -26,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
-HEAD_DIM = 128  # every released Wan 2.1 model uses 128 channels per attention head
+HEAD_DIM = 128  # every released Wan 2.1 and 2.2 model uses 128 channels per attention head
 CONFIG_METADATA_KEY = "wan_config"  # optional JSON WanModel config in the header's metadata
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 MARKER_KEYS = ("scaled_fp8",)  # ComfyUI's marker tensor in scaled fp8 files
@@ -60,8 +64,8 @@ class CheckpointError(ValueError):
 class CheckpointInfo:
     path: str
     prefix: str                 # stripped from every key ('' for official files)
-    model_type: str             # 't2v', 'i2v' or 'flf2v'
-    size_name: str              # '1.3B', '14B', or the parameter count for other sizes
+    model_type: str             # 't2v', 'i2v', 'flf2v' (Wan 2.1) or 'ti2v' (Wan 2.2 5B); see MODEL_TYPES
+    size_name: str              # '1.3B', '5B', '14B', or the parameter count for other sizes
     config: dict                # WanModel constructor arguments
     stored_dtype: torch.dtype   # dtype of most block weights in the file
     num_parameters: int
@@ -69,10 +73,50 @@ class CheckpointInfo:
     block_bytes: list = field(default_factory=list)   # per block, as stored
     fp8_scaled: bool = False    # per-tensor scale_weight keys present
     keys: list = field(default_factory=list, repr=False)   # model keys, prefix stripped
+    # '2.1', '2.2', or '2.1/2.2' where nothing tells (a 14B t2v file: Wan 2.1 and a Wan 2.2 A14B
+    # expert have the same keys; a file name with 'wan2.2', 'high_noise' or 'low_noise' decides)
+    family: str = "2.1"
+    expert: Optional[str] = None  # 'high_noise' / 'low_noise' (A14B, from the file name), else None
 
     @property
     def num_layers(self):
         return self.config["num_layers"]
+
+    @property
+    def image_embedding(self):
+        """True when the model takes CLIP image tokens (clip_fea): Wan 2.1 i2v and flf2v."""
+        return self.config.get("image_embedding", self.model_type in ("i2v", "flf2v"))
+
+    @property
+    def latent_format(self):
+        """The VAE latent space (wanvideo.latent_format.WAN21 or WAN22), told by the output channels."""
+        return latent_format_for(self.config["out_dim"])
+
+    @property
+    def latent_channels(self):
+        """16 (Wan 2.1 VAE) or 48 (Wan 2.2 VAE, TI2V-5B)."""
+        return self.latent_format.channels
+
+    @property
+    def vae_stride(self):
+        """(4, 8, 8) or (4, 16, 16): video frames and pixels per latent frame and latent pixel."""
+        return self.latent_format.stride
+
+    @property
+    def condition_channels(self):
+        """Channels of y (mask and image latents) concatenated to the noise: 20 for i2v, else 0."""
+        return self.config["in_dim"] - self.config["out_dim"]
+
+    @property
+    def model_name(self):
+        """'Wan 2.1 t2v 1.3B', 'Wan 2.2 TI2V 5B', 'Wan 2.2 I2V A14B (no CLIP) high-noise expert',
+        'Wan 2.1/2.2 t2v 14B', ..."""
+        if self.family != "2.2":
+            return f"Wan {self.family} {self.model_type} {self.size_name}"
+        size = "A14B" if self.size_name == "14B" else self.size_name  # the official names: T2V-A14B, TI2V-5B
+        no_clip = " (no CLIP)" if self.model_type == "i2v" else ""  # Wan 2.2 i2v takes the image as latents only
+        return (f"Wan 2.2 {self.model_type.upper()} {size}{no_clip}"
+                + (f" {self.expert.replace('_', '-')} expert" if self.expert else ""))
 
     @property
     def other_bytes(self):
@@ -90,7 +134,7 @@ class CheckpointInfo:
         return block_bytes, (self.num_parameters - self.num_layers * block_elements) * base
 
     def summary(self):
-        return (f"Wan 2.1 {self.model_type} {self.size_name} (dim {self.config['dim']}, {self.num_layers} blocks, "
+        return (f"{self.model_name} (dim {self.config['dim']}, {self.num_layers} blocks, "
                 f"{_count(self.num_parameters)} parameters, {self.parameter_bytes / 2**20:,.1f} MiB as stored in "
                 f"{str(self.stored_dtype).replace('torch.', '')})")
 
@@ -184,8 +228,26 @@ def _describe_foreign(keys):
     return "an unknown architecture"
 
 
+def _variant(keys, in_dim, out_dim, dim, path):
+    """(model_type, image_embedding, family, expert) from the keys and shapes; the file name decides
+    only what the keys cannot tell (Wan 2.1 14B t2v and the Wan 2.2 A14B experts are alike, and the
+    two experts are alike; ComfyUI does not tell them apart either)."""
+    name = re.sub(r"[-\s]", "_", os.path.basename(path).lower())
+    expert = next((e for e in ("high_noise", "low_noise") if e in name), None)
+    if "img_emb.proj.1.weight" in keys:  # CLIP image branch: Wan 2.1 only
+        return ("flf2v" if "img_emb.emb_pos" in keys else "i2v"), True, "2.1", None
+    if out_dim == 48:  # the Wan 2.2 VAE's 48 channels (by out_dim: Fun-Control 2.1 files take 48 in, give 16)
+        return "ti2v", False, "2.2", None
+    if in_dim == out_dim + 20:  # noise + 4 mask + 16 image-latent channels without CLIP: I2V-A14B
+        return "i2v", False, "2.2", expert
+    if expert or re.search(r"wan_?2[._]?2", name):
+        return "t2v", False, "2.2", expert
+    undecided = dim == 5120 and not re.search(r"wan_?2[._]?1", name)
+    return "t2v", False, "2.1/2.2" if undecided else "2.1", None
+
+
 def inspect_checkpoint(path):
-    """Read only the header of a Wan 2.1 safetensors file -> CheckpointInfo."""
+    """Read only the header of a Wan 2.1 or 2.2 safetensors file -> CheckpointInfo."""
     path = os.fspath(path)
     header, metadata = read_safetensors_header(path)
     all_keys = list(header)
@@ -195,8 +257,9 @@ def inspect_checkpoint(path):
     prefix = _find_prefix(set(all_keys))
     if prefix is None or not any(k.startswith(prefix + "blocks.0.self_attn.q.") for k in all_keys):
         examples = ", ".join(all_keys[:3]) or "no tensors at all"
-        raise CheckpointError(f"{path!r} is not a Wan 2.1 diffusion model: it looks like {_describe_foreign(all_keys)} "
-                              f"(keys such as {examples}). Choose a Wan 2.1 file (keys patch_embedding.weight, "
+        raise CheckpointError(f"{path!r} is not a Wan 2.1 diffusion model (nor 2.2): it looks like "
+                              f"{_describe_foreign(all_keys)} (keys such as {examples}). Choose a Wan 2.1 or 2.2 "
+                              "file (keys patch_embedding.weight, "
                               "blocks.N.self_attn.q.weight, head.head.weight).")
     model_keys = [k[len(prefix):] for k in all_keys if k.startswith(prefix) and k not in MARKER_KEYS]
     shape = lambda k: shapes[prefix + k]
@@ -205,14 +268,15 @@ def inspect_checkpoint(path):
     if block_ids != list(range(len(block_ids))):
         raise CheckpointError(f"{path!r} has gaps in its block numbering ({block_ids[:5]}...); the file is incomplete.")
     dim, in_dim, *patch = shape("patch_embedding.weight")
-    model_type = "flf2v" if "img_emb.emb_pos" in model_keys else "i2v" if "img_emb.proj.1.weight" in model_keys else "t2v"
+    out_dim = shape("head.head.weight")[0] // math.prod(patch)
+    model_type, image_embedding, family, expert = _variant(set(model_keys), in_dim, out_dim, dim, path)
     config = dict(
         model_type=model_type, patch_size=tuple(patch), text_len=512, in_dim=in_dim, dim=dim,
         ffn_dim=shape("blocks.0.ffn.0.weight")[0], freq_dim=shape("time_embedding.0.weight")[1],
-        text_dim=shape("text_embedding.0.weight")[1], out_dim=shape("head.head.weight")[0] // math.prod(patch),
+        text_dim=shape("text_embedding.0.weight")[1], out_dim=out_dim,
         num_heads=max(1, dim // HEAD_DIM), num_layers=len(block_ids), window_size=(-1, -1),
         qk_norm="blocks.0.self_attn.norm_q.weight" in model_keys,
-        cross_attn_norm="blocks.0.norm3.weight" in model_keys, eps=1e-6)
+        cross_attn_norm="blocks.0.norm3.weight" in model_keys, eps=1e-6, image_embedding=image_embedding)
     if CONFIG_METADATA_KEY in metadata:  # files made by this package (tiny test models) say their head count
         config.update(json.loads(metadata[CONFIG_METADATA_KEY]))
         config["patch_size"] = tuple(config["patch_size"])
@@ -227,12 +291,13 @@ def inspect_checkpoint(path):
             block_bytes[int(k.split(".")[1])] += nbytes[k]
     stored = [dtypes[prefix + k] for k in weight_keys if k.startswith("blocks.0.") and k.endswith("q.weight")]
     num_parameters = sum(numel.values())
-    size_name = {1536: "1.3B", 5120: "14B"}.get(dim, _count(num_parameters))
+    size_name = {1536: "1.3B", 3072: "5B", 5120: "14B"}.get(dim, _count(num_parameters))
     return CheckpointInfo(
         path=path, prefix=prefix, model_type=model_type, size_name=size_name, config=config,
         stored_dtype=SAFETENSORS_DTYPES[stored[0]], num_parameters=num_parameters,
         parameter_bytes=sum(nbytes.values()), block_bytes=block_bytes,
-        fp8_scaled=any(k.endswith(".scale_weight") for k in model_keys), keys=model_keys)
+        fp8_scaled=any(k.endswith(".scale_weight") for k in model_keys), keys=model_keys, family=family,
+        expert=expert)
 
 
 def _check_keys(info, expected_keys):
@@ -246,7 +311,7 @@ def _check_keys(info, expected_keys):
             parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
-        raise CheckpointError(f"{info.path!r} does not match the Wan 2.1 {info.model_type} architecture: "
+        raise CheckpointError(f"{info.path!r} does not match the {info.model_name} architecture: "
                               f"{'; '.join(parts)}. The file is incomplete or a different variant.")
 
 
@@ -260,8 +325,12 @@ def resolve_dtype(precision):
 
 
 def build_meta_model(config, quantization="disabled"):
-    """A WanModel of this config on the meta device (no memory), fp8 shells where quantized."""
-    with torch.device("meta"):
+    """A WanModel of this config on the meta device (no memory), fp8 shells where quantized.
+
+    accelerate's init_empty_weights puts each parameter on the meta device as it is registered;
+    it is 1.2-1.5 s faster than a `torch.device("meta")` context for a process' first model
+    (PyTorch's first meta-device initialisation; benchmarks/bench_accelerate.py, RESULTS.md)."""
+    with init_empty_weights():
         model = WanModel(**config)
     if quantization != "disabled":
         replace_linears_with_fp8(model)
@@ -281,7 +350,7 @@ def _device_for(key, device, device_map):
 
 def load_wan_model(path, device="cpu", base_precision="bf16", quantization="disabled", attention_mode="sdpa",
                    info=None, device_map=None):
-    """Load a Wan 2.1 safetensors file into a WanModel on `device`.
+    """Load a Wan 2.1 or 2.2 safetensors file into a WanModel on `device`.
 
     base_precision: 'fp32', 'bf16', 'fp16' (or a torch.dtype); quantization: 'disabled',
     'fp8_e4m3fn' or 'fp8_e5m2' (fp8 storage of the block Linear weights), or 'fp8_e4m3fn_fast'

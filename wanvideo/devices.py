@@ -100,3 +100,21 @@ def parse_devices(devices):
     if not parsed:
         raise ValueError("The list of devices is empty: give GPU ids such as \"0,1\", or 'cpu'.")
     return parsed
+
+
+def check_devices_available(devices):
+    """parse_devices, then ValueError naming the device when a CUDA device cannot be used here (a
+    CPU-only PyTorch, no driver, an index past the GPUs this process sees) -> list of torch.device.
+    Said up front, in words, instead of PyTorch's "Torch not compiled with CUDA enabled" mid-run."""
+    parsed = parse_devices(devices)
+    cuda = [d for d in parsed if d.type == "cuda"]
+    if cuda and not torch.cuda.is_available():
+        why = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA driver or GPU is usable"
+        raise ValueError(f"{', '.join(map(str, cuda))} {'name' if len(cuda) > 1 else 'names'} a CUDA GPU, but CUDA is "
+                         f"not available here ({why}): run on the CPU (devices='cpu'), or install a CUDA build of PyTorch.")
+    count = torch.cuda.device_count() if cuda else 0
+    missing = [str(d) for d in cuda if d.index is not None and d.index >= count]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} {'do' if len(missing) > 1 else 'does'} not exist: this process sees "
+                         f"{count} GPU(s), cuda:0 to cuda:{count - 1}.")
+    return parsed

@@ -144,6 +144,21 @@ def apply_loras(model, loras):
     dtype and device; the update is computed in float32 on the weight's device. FP8Linear weights
     are dequantized, updated by all LoRAs, and re-quantized once (new scale_weight).
     """
+    updates, reports = collect_lora_updates(model, loras)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for param_name, param_updates in updates.items():
+            _merge(model, param_name, parameters[param_name], param_updates)
+    return reports
+
+
+def collect_lora_updates(model, loras):
+    """The LoRAs' updates, checked against the parameter shapes, without touching any weight ->
+    ({official parameter name: [(kind, tensors, scale, lora key)]}, [LoraReport]).
+
+    Works on a model on the meta device (only names and shapes are read), so a loader that fills
+    parameters one tensor at a time (weight sharding) can merge each with `merge_lora_updates`
+    before it keeps its slice."""
     key_map = build_key_map(model)
     parameters = dict(model.named_parameters())
     updates = defaultdict(list)  # official parameter name -> [(kind, tensors, scale, lora key)]
@@ -163,14 +178,22 @@ def apply_loras(model, loras):
         if strength != 0.0:
             _collect_updates(state, strength, name, key_map, parameters, updates, report)
         reports.append(report)
-
-    with torch.no_grad():
-        for param_name, param_updates in updates.items():
-            _merge(model, param_name, parameters[param_name], param_updates)
     for report in reports:
         logger.info("LoRA %s at strength %g: %d parameters patched.", report.name, report.strength,
                     len(set(report.patched)))
-    return reports
+    return updates, reports
+
+
+def merge_lora_updates(merged, param_updates):
+    """Add one parameter's updates (from collect_lora_updates), in order, to `merged` (float32, the
+    parameter's shape, on the device to compute on), in place -> merged."""
+    for kind, tensors, scale, _ in param_updates:
+        if kind == "lora":
+            down, up = (t.to(merged.device, torch.float32) for t in tensors)
+            merged += scale * (up.flatten(1) @ down.flatten(1)).reshape(merged.shape)
+        else:
+            merged += scale * tensors[0].to(merged.device, torch.float32)
+    return merged
 
 
 def _collect_updates(state, strength, name, key_map, parameters, updates, report):
@@ -264,13 +287,8 @@ def _merge(model, param_name, param, param_updates):
     module_name, _, attribute = param_name.rpartition(".")
     module = model.get_submodule(module_name)
     fp8 = isinstance(module, FP8Linear) and attribute == "weight"
-    merged = module.dequantized_weight(torch.float32) if fp8 else param.detach().float()
-    for kind, tensors, scale, _ in param_updates:
-        if kind == "lora":
-            down, up = (t.to(param.device, torch.float32) for t in tensors)
-            merged += scale * (up.flatten(1) @ down.flatten(1)).reshape(param.shape)
-        else:
-            merged += scale * tensors[0].to(param.device, torch.float32)
+    merged = merge_lora_updates(module.dequantized_weight(torch.float32) if fp8 else param.detach().float(),
+                                param_updates)
     if fp8:
         weight, scale_weight = quantize_weight(merged, param.dtype)
         param.data.copy_(weight)

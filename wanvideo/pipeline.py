@@ -8,6 +8,7 @@ strategies (wanvideo/parallel/) return a pipeline whose `denoiser` is a strategy
 model's forward (data parallel), a model with a strategy installed (block distribution), or whose
 `generate` runs in worker processes (distributed); the sampler does not need to know which.
 """
+import functools
 import logging
 import os
 import weakref
@@ -18,7 +19,8 @@ import torch
 
 from .checkpoint import inspect_checkpoint, load_wan_model
 from .devices import DeviceOutOfMemoryError, release_memory
-from .engine import BlockSwapSettings, compile_blocks, enable_block_swap, enable_fp8_fast
+from .engine import BlockSwapSettings, compile_blocks, enable_block_swap, enable_fp8_fast, get_block_swapper
+from .engine.parking import park_tensors
 from .quantization import FAST_MODES
 from .sampling import sample_video
 
@@ -41,29 +43,74 @@ class LoadSettings:
         return self.block_swap is not None and self.block_swap.blocks_to_swap > 0
 
 
+class _Held:
+    """What a pipeline holds: the denoiser, the cleanups that undo its strategy, and its tensors
+    parked while it steps aside. The pipeline's finalizer owns this object and never the pipeline, so
+    a pipeline that is dropped without unload() (ComfyUI evicting the loader's output) still runs
+    its cleanups and frees its weights."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.cleanups, self.parked = denoiser, [], []
+
+    def release(self):
+        while self.cleanups:
+            try:
+                self.cleanups.pop()()
+            except Exception as error:  # keep releasing the rest
+                logger.warning("Cleanup during unload failed: %s", error)
+        self.denoiser = None
+        for parked in self.parked:
+            parked.release()
+        self.parked = []
+        release_memory()
+
+
 class WanPipeline:
-    """A loaded model and how to run it. `generate` samples a video; `unload` frees every device.
+    """A loaded model and how to run it. `generate` samples a video; `unload` frees every device;
+    `step_aside` / `come_back` lend the devices' memory to the host application and take it back.
 
     denoiser: what the sampler calls, with WanModel.forward's signature: the WanModel itself (with
     any strategy installed through its seams) or a strategy wrapper (DataParallelWan); None for
     pipelines that sample elsewhere (distributed workers) and once unloaded.
+    before_run: None, or a hook the host application installs (ComfyUI: comfy_host), called as
+    before_run(pipeline, noise, sampler_args) at the start of every generate, to make room on the
+    devices (it may call come_back()).
     """
 
     def __init__(self, denoiser, info, device, settings, offload_device=None, placement=None):
-        self.denoiser, self.info, self.device, self.settings = denoiser, info, torch.device(device), settings
+        self._held = _Held(denoiser)
+        self.info, self.device, self.settings = info, torch.device(device), settings
         self.offload_device = offload_device
         self.placement = placement or f"all weights on {self.device}"
-        self._cleanups = []
-        self._finalizer = weakref.finalize(self, release_memory)
+        self.before_run = None
+        self._aside = False
+        self._memory_by_device = {}
+        self._finalizer = weakref.finalize(self, self._held.release)
+        self._finalizer.atexit = False  # at exit the process returns everything; CUDA may be half gone
+
+    @property
+    def denoiser(self):
+        return self._held.denoiser
+
+    @denoiser.setter
+    def denoiser(self, value):
+        self._held.denoiser = value
 
     def add_cleanup(self, fn):
-        """Run `fn()` on unload (hooks to remove, workers to stop), last added first."""
-        self._cleanups.append(fn)
+        """Run `fn()` on unload, or when the pipeline is dropped (hooks to remove, workers to stop),
+        last added first. `fn` must not refer to the pipeline, or it would never be dropped."""
+        self._held.cleanups.append(fn)
+
+    def _before_run(self, noise, sampler_args):
+        if self.before_run is not None:
+            self.before_run(self, noise, sampler_args)
+        self.come_back()
 
     def generate(self, noise, positive, negative=None, **sampler_args):
         """Sample latents (model space) with wanvideo.sampling.sample_video; same arguments."""
         if self.denoiser is None:
             raise RuntimeError("This model was unloaded; run the loader node again.")
+        self._before_run(noise, sampler_args)
         rests_offloaded = self.offload_device is not None
         if rests_offloaded:
             self.denoiser.to(self.device)
@@ -76,13 +123,80 @@ class WanPipeline:
 
     def unload(self):
         """Return every device's memory: cleanups (hooks, workers), then drop the weights."""
-        while self._cleanups:
+        self._finalizer()  # runs once: a second unload, or the drop after it, does nothing
+        self._aside, self._memory_by_device = False, {}
+
+    # --- stepping aside: the host application borrows the devices' memory ------------------------
+
+    @property
+    def is_aside(self):
+        return self._aside
+
+    def step_aside(self):
+        """Give back the memory the model holds on its devices, keeping the model: weights on GPUs
+        move to (pinned) CPU memory, block swap's slots are freed (its swapped blocks already live in
+        host memory). come_back(), which every generate calls, restores them. Idempotent."""
+        if self._aside or self.denoiser is None:
+            return
+        self._memory_by_device = self.memory_by_device()
+        for swapper in self._swappers():
+            swapper.release_slots()
+        self._held.parked = park_tensors(self._tensors())
+        self._aside = True
+        if torch.cuda.is_available():  # no gc.collect here: ComfyUI calls this inside its loop over its
+            torch.cuda.empty_cache()   # models, which another pipeline's finalizer could change under it
+        logger.info("Stepped aside: %.2f GiB moved to CPU memory from %s.",
+                    sum(p.nbytes for p in self._held.parked) / 2**30,
+                    ", ".join(str(d) for d in self._memory_by_device) or "no device")
+
+    def come_back(self):
+        """Undo step_aside(): the weights and slots back on their devices (nothing to do if not aside)."""
+        if not self._aside:
+            return
+        parked = self._held.parked
+        while parked:
             try:
-                self._cleanups.pop()()
-            except Exception as error:  # keep releasing the rest
-                logger.warning("Cleanup during unload failed: %s", error)
-        self.denoiser = None
-        release_memory()
+                parked[0].restore()
+            except torch.OutOfMemoryError as error:  # what came back so far stays; a retry does the rest
+                raise DeviceOutOfMemoryError(
+                    f"Out of memory on {parked[0].device} while moving the model back from CPU memory; free "
+                    "memory there (unload other models) and run again.", parked[0].device) from error
+            parked.pop(0)
+        for swapper in self._swappers():
+            swapper.allocate_slots()
+        self._aside = False
+        logger.info("Came back to %s.", ", ".join(str(d) for d in self._memory_by_device) or "the CPU")
+
+    def memory_by_device(self):
+        """{device: bytes} the model keeps on each device it computes on while it is not aside (weights
+        and block swap's slots; a model on the CPU counts its RAM): what a host's memory manager weighs
+        against its other models. Measured now, or remembered from before step_aside()."""
+        if self._aside or self.denoiser is None:
+            return dict(self._memory_by_device)
+        usage, resting = {}, self.offload_device is not None  # resting weights visit self.device for each run
+        for tensor in self._tensors():
+            device = self.device if resting else tensor.device
+            usage[device] = usage.get(device, 0) + tensor.numel() * tensor.element_size()
+        for swapper in self._swappers():
+            usage[swapper.device] = usage.get(swapper.device, 0) + swapper.ring_size * swapper.slot_bytes
+        on_accelerators = {d: n for d, n in usage.items() if d.type != "cpu"}
+        return on_accelerators or {self.device: usage.get(self.device, sum(usage.values()))}
+
+    def _models(self):
+        """The nn.Modules holding the weights: the model, or each distinct data-parallel replica."""
+        candidates = getattr(self.denoiser, "replicas", [self.denoiser])
+        return list({id(m): m for m in candidates if isinstance(m, torch.nn.Module)}.values())
+
+    def _tensors(self):
+        return [t for model in self._models() for t in (*model.parameters(), *model.buffers())]
+
+    def _swappers(self):
+        """Active BlockSwappers: on a model itself, or on the stages its block runner holds (block
+        distribution swaps per stage)."""
+        holders = []
+        for model in self._models():
+            holders += [model, *getattr(getattr(model, "block_runner", None), "stages", ())]
+        return [s for s in map(get_block_swapper, holders) if s is not None]
 
     def describe(self):
         """A few lines for people: what was loaded and where it lives."""
@@ -163,7 +277,8 @@ def load_pipeline(path, device, settings: LoadSettings, offload_device="cpu"):
     pipeline = WanPipeline(model, info, device, settings, offload_device=torch.device(offload_device)
                            if rest_offloaded else None)
     if swapper is not None:
-        pipeline.add_cleanup(swapper.remove)
+        # Unload restores nothing to the GPU: the swapped blocks stay in CPU memory and go with the model.
+        pipeline.add_cleanup(functools.partial(swapper.remove, restore_device="cpu"))
         swap = settings.block_swap
         host = "pageable CPU memory (slower)" if swapper.pinned_mode == "pageable" else "pinned CPU memory"
         pipeline.placement = (f"blocks 0-{swap.blocks_to_swap - 1} swapped from {host} "

@@ -3,6 +3,7 @@
     block_swap.py   blocks resting in pinned CPU memory, streamed in on a copy stream
     fp8_fast.py     fp8 x fp8 matmuls on Ada / Hopper tensor cores
     compile.py      per-block torch.compile
+    parking.py      a model's device tensors moved to pinned host memory and back (stepping aside)
 
 Each acts on a loaded WanModel from outside (hooks, attributes the model offers as seams); the
 pipeline (wanvideo/pipeline.py) applies them in one order for every strategy.

@@ -387,18 +387,7 @@ class BlockSwapper:
         for name in embedding_names:
             self._packed_embeddings[name] = _PackedModule(getattr(self.model, name), name, self.device)
         managed = {id(t) for packed in self._all_packed() for t in packed.layout.tensors}
-        slot_bytes = max((packed.nbytes for packed in self._packed_blocks.values()), default=0)
-        for _ in range(self.ring_size):
-            slot = torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)
-            self._streams.attach_slot(slot)
-            self._slots.append(slot)
-            self._slot_owner.append(None)
-            self._slot_running.append(False)
-            self._slot_ready.append(self._streams.new_event())
-            self._slot_free.append(self._streams.new_event())
-        for index, packed in self._packed_blocks.items():  # made once: no allocation per block per step
-            for slot_index, slot in enumerate(self._slots):
-                self._slot_views[index, slot_index] = packed.layout.views(slot)
+        self._allocate_slots()
         with torch.no_grad():
             for tensor in _module_tensors(self.model):
                 if id(tensor) not in managed and tensor.device != self.device:
@@ -413,6 +402,20 @@ class BlockSwapper:
             upload, release = self._make_embedding_upload(name), self._make_embedding_release(name)
             self._hook_handles.append(module.register_forward_pre_hook(_compile_safe(upload)))
             self._hook_handles.append(module.register_forward_hook(_compile_safe(release), always_call=True))
+
+    def _allocate_slots(self):
+        slot_bytes = max((packed.nbytes for packed in self._packed_blocks.values()), default=0)
+        for _ in range(self.ring_size):
+            slot = torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)
+            self._streams.attach_slot(slot)
+            self._slots.append(slot)
+            self._slot_owner.append(None)
+            self._slot_running.append(False)
+            self._slot_ready.append(self._streams.new_event())
+            self._slot_free.append(self._streams.new_event())
+        for index, packed in self._packed_blocks.items():  # made once: no allocation per block per step
+            for slot_index, slot in enumerate(self._slots):
+                self._slot_views[index, slot_index] = packed.layout.views(slot)
 
     def _all_packed(self):
         return list(self._packed_blocks.values()) + list(self._packed_embeddings.values())
@@ -527,10 +530,27 @@ class BlockSwapper:
 
     # --- undo ----------------------------------------------------------------------------------
 
+    def release_slots(self):
+        """Free the device slot ring while the model steps aside (between forwards; the swapped blocks
+        stay in host memory). allocate_slots() makes it again before the next forward."""
+        if self.removed or not self._slots:
+            return
+        self._streams.synchronize()  # no queued copy may still write a slot
+        self._drop_slots()
+        self._next_slot = 0
+
+    def allocate_slots(self):
+        """Make the slot ring again after release_slots() (nothing to do while it exists)."""
+        if not self.removed and not self._slots:
+            self._allocate_slots()
+
     def _drop_hooks_and_slots(self):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        self._drop_slots()
+
+    def _drop_slots(self):
         self._slot_views.clear()
         self._slots.clear()
         self._slot_owner.clear()

@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from ..modules.lazy_compile import LazyCompile
 from ..quantization import FP8Linear, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def fp8_scaled_linear(x, weight, scale_weight, bias, input_scaling="row"):
     return out.reshape(*leading, weight.shape[0])
 
 
-_fused_quantize = {"function": None, "failed": False}
+_fused_quantize = LazyCompile(quantize_input_fp8, "the fp8 input quantization (eagerly, the fp8 fast path may be "
+                              "slower than the upcast path)", dynamic=True)
 
 
 def _quantize_input(x2d, per_row):
@@ -67,18 +69,11 @@ def _quantize_input(x2d, per_row):
 
     Eager, its extra passes over the activations cost more than the fp8 matmul saves (H100, a
     [8192, 5120] x [5120, 5120] layer: 1.10 ms against 0.69 ms for the upcast path). Inside an
-    outer torch.compile (compile_blocks) it is traced as part of the block instead.
+    outer torch.compile (compile_blocks) it is traced as part of the block instead. LazyCompile
+    makes the first compile safe from data_parallel's threads and gives it up only when compiling
+    cannot work here; a transient error (out of memory) propagates.
     """
-    if x2d.is_cuda and not _fused_quantize["failed"] and not torch.compiler.is_compiling():
-        try:
-            if _fused_quantize["function"] is None:
-                _fused_quantize["function"] = torch.compile(quantize_input_fp8, dynamic=True)
-            return _fused_quantize["function"](x2d, per_row)
-        except Exception as error:  # no Triton, unsupported platform: stay correct, just slower
-            _fused_quantize["failed"] = True
-            logger.warning("Could not compile the fp8 input quantization (%s); it runs eagerly, so the fp8 fast "
-                           "path may be slower than the upcast path.", error)
-    return quantize_input_fp8(x2d, per_row)
+    return _fused_quantize(x2d, per_row)
 
 
 def fp8_fast_supported(device):
@@ -101,13 +96,14 @@ def fp8_fast_supported(device):
 
 
 def _probe_scaled_mm(device, input_scaling):
-    """Whether this torch/GPU pair runs _scaled_mm with this input scaling (row-wise kernels are newer)."""
+    """Whether this torch/device pair runs _scaled_mm with this input scaling (row-wise kernels are newer:
+    torch 2.11's CPU kernel, for one, takes per-tensor scales only). The tests ask it too."""
     try:
         x = torch.randn(16, 32, device=device, dtype=torch.bfloat16)
         weight, scale = quantize_weight(torch.randn(16, 32, device=device), torch.float8_e4m3fn)
         fp8_scaled_linear(x, weight, scale, torch.zeros(16, device=device), input_scaling)
         return True
-    except RuntimeError as error:
+    except Exception as error:  # any error (RuntimeError, ValueError, ...) means this pair cannot
         logger.debug("_scaled_mm with %s-wise input scales failed on %s: %s", input_scaling, device, error)
         return False
 

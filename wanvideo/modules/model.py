@@ -1,8 +1,9 @@
-"""The Wan 2.1 diffusion transformer (text-to-video, image-to-video, first-last-frame-to-video).
+"""The Wan 2.1 and 2.2 diffusion transformer (t2v, i2v, flf2v; Wan 2.2 A14B experts and TI2V-5B).
 
-Parameter names and constructor arguments follow the official Wan 2.1 release, so official and
+Parameter names and constructor arguments follow the official Wan releases, so official and
 ComfyUI-repackaged checkpoints load with strict key checking, and code written against the
-official `WanModel.forward(x, t, context, seq_len, clip_fea=None, y=None)` runs on this one.
+official `WanModel.forward(x, t, context, seq_len, clip_fea=None, y=None)` runs on this one; as in
+Wan 2.2, `t` may be [B] or per token [B, seq_len] (TI2V: the clean first frame's tokens at t = 0).
 
 The model is pure architecture and imports nothing of the package above it. Parallel strategies
 (`wanvideo/parallel/`) and the single-GPU engine (`wanvideo/engine/`) act on it from outside
@@ -28,56 +29,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import make_attention_op
+from .embeddings import (CLIP_DIM, CLIP_TOKENS, MLPProj, rope_frequencies, rope_params,  # noqa: F401 (re-exported)
+                         sinusoidal_embedding_1d)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "WanModel", "BlockContext", "run_blocks_sequentially", "sinusoidal_embedding_1d", "rope_params", "rope_frequencies",
+    "WanModel", "BlockContext", "MODEL_TYPES", "run_blocks_sequentially", "sinusoidal_embedding_1d", "rope_params",
+    "rope_frequencies",
 ]
 
-CLIP_DIM = 1280             # CLIP ViT-H/14 penultimate hidden size, the image-token width
-CLIP_TOKENS = 257           # tokens per CLIP image (256 patches + class token)
-
-
-def sinusoidal_embedding_1d(dim, position):
-    """[N] positions -> [N, dim] embedding, cosines first, computed in float64 as Wan does."""
-    half = dim // 2
-    position = position.to(torch.float64)
-    sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half, dtype=torch.float64,
-                                                                      device=position.device).div(half)))
-    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
-
-
-def rope_params(max_seq_len, dim, theta=10000):
-    """Rotation angles [max_seq_len, dim // 2] (float64) for one RoPE axis of `dim` channels."""
-    assert dim % 2 == 0
-    return torch.outer(torch.arange(max_seq_len, dtype=torch.float64),
-                       1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64).div(dim)))
-
-
-def rope_frequencies(head_dim, grid_size, device, max_seq_len=1024):
-    """Rotations [F*H*W, 1, head_dim // 2, 2] (cos, sin; float32) for a (F, H, W) token grid.
-
-    The head dimension is split between time, height and width as in Wan 2.1:
-    head_dim - 4 * (head_dim // 6) channels for time, 2 * (head_dim // 6) each for height and width.
-    """
-    return _rope_table(head_dim, tuple(grid_size), max_seq_len).to(device)
-
-
-@functools.lru_cache(maxsize=8)
-def _rope_table(head_dim, grid_size, max_seq_len):
-    """rope_frequencies on the CPU, computed once per grid (float64 work: ~20 ms at 720p)."""
-    f, h, w = grid_size
-    axis_dims = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
-    angles_t, angles_h, angles_w = (rope_params(max_seq_len, d) for d in axis_dims)
-    if max(f, h, w) > max_seq_len:
-        raise ValueError(f"Token grid {grid_size} exceeds the RoPE table of {max_seq_len} positions per axis.")
-    angles = torch.cat([
-        angles_t[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-        angles_h[:h].view(1, h, 1, -1).expand(f, h, w, -1),
-        angles_w[:w].view(1, 1, w, -1).expand(f, h, w, -1),
-    ], dim=-1).reshape(f * h * w, 1, -1)
-    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).to(torch.float32)
+# Official names: Wan 2.1 't2v', 'i2v', 'flf2v'; Wan 2.2 't2v' and 'i2v' (the A14B experts), 'ti2v' (5B)
+MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")
 
 
 def norm_and_rope(x, norm_weight, eps, num_heads, rope):
@@ -91,38 +54,49 @@ def norm_and_rope(x, norm_weight, eps, num_heads, rope):
     return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2).type_as(x)
 
 
-def modulate(x, norm, shift, scale):
-    """norm(x) * (1 + scale) + shift; x [B, L, dim], shift and scale [B, dim]."""
-    return torch.addcmul(shift[:, None], norm(x), 1 + scale[:, None])
+def _per_token(table, rows):
+    """table [B, dim] (one row per sample) when rows is None, else table [R, dim] picked per token
+    by rows [B, L] -> broadcastable to [B, L, dim]. Inside a fused kernel the pick is an indexed
+    load, so a per-token modulation never exists in memory."""
+    return table[:, None] if rows is None else table[rows]
 
 
-def gated_residual(x, y, gate):
-    """x + y * gate; x, y [B, L, dim], gate [B, dim]."""
-    return torch.addcmul(x, y, gate[:, None])
+def modulate(x, norm, shift, scale, rows=None):
+    """norm(x) * (1 + scale) + shift; x [B, L, dim], shift and scale [B, dim] or, with rows, [R, dim]."""
+    return torch.addcmul(_per_token(shift, rows), norm(x), 1 + _per_token(scale, rows))
+
+
+def gated_residual(x, y, gate, rows=None):
+    """x + y * gate; x, y [B, L, dim], gate [B, dim] or, with rows, [R, dim]."""
+    return torch.addcmul(x, y, _per_token(gate, rows))
 
 
 class _FusedOnCuda:
     """Runs `fn` through torch.compile on CUDA tensors (one fused kernel instead of several memory
     passes: RoPE alone costs ~8% of a block in eager mode), eagerly elsewhere or when compiling is
     unavailable. Shapes are static: dynamic-shape kernels index with run-time divisions and ran 5x
-    slower on an H100; a new resolution costs one recompile of these small kernels.
+    slower on an H100; a new resolution costs one recompile of these small kernels. Compiling and
+    calling go through LazyCompile (lazy_compile.py): safe from data_parallel's threads, and off for
+    good only when compiling cannot work here; a transient error (out of memory) propagates.
     Set WANVIDEO_FUSED_KERNELS=0 to always run eagerly."""
 
     def __init__(self, fn):
-        self.fn, self.compiled, self.failed = fn, None, os.environ.get("WANVIDEO_FUSED_KERNELS", "1") == "0"
+        from .lazy_compile import LazyCompile
+        self.fn = fn
+        self.lazy = LazyCompile(fn, f"the fused kernel {fn.__name__}", dynamic=False)
+        self.lazy.failed = os.environ.get("WANVIDEO_FUSED_KERNELS", "1") == "0"
+
+    @property
+    def failed(self):
+        """Whether fn runs eagerly for good (benchmarks/bench_model.py sets it to time the eager block)."""
+        return self.lazy.failed
+
+    @failed.setter
+    def failed(self, value):
+        self.lazy.failed = value
 
     def __call__(self, x, *args):
-        if torch.compiler.is_compiling():  # inside a compiled block: let that compile fuse it
-            return self.fn(x, *args)
-        if x.is_cuda and not self.failed:
-            try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, dynamic=False)
-                return self.compiled(x, *args)
-            except Exception as error:  # no triton, unsupported platform: stay correct, just slower
-                logger.warning("Fused kernels unavailable (%s); running eagerly.", error)
-                self.failed = True
-        return self.fn(x, *args)
+        return self.lazy(x, *args)
 
 
 fused_norm_and_rope = _FusedOnCuda(norm_and_rope)
@@ -134,32 +108,42 @@ fused_gated_residual = _FusedOnCuda(gated_residual)
 class BlockContext:
     """Everything a block needs besides the tokens; moves between devices as one piece.
 
-    e0:          [B, 6, dim] float32 timestep modulation
+    e0:          [B, 6, dim] float32 timestep modulation, one per sample (t of shape [B]); with
+                 e0_rows, a table [R, 6, dim] of the R distinct timesteps of a per-token t
     context:     [B, Lt, dim] embedded text tokens
-    context_img: [B, Li, dim] embedded CLIP image tokens (i2v / flf2v) or None
+    context_img: [B, Li, dim] embedded CLIP image tokens (Wan 2.1 i2v / flf2v) or None
     rope:        [B or 1, L, 1, head_dim / 2, 2] cos and sin of the token positions' rotations
     key_mask:    [B, L] bool, False on padding of ragged batches; None when every sample is full
+    e0_rows:     [B, L] int64, each token's row of e0 (per-token t, Wan 2.2 TI2V); None for t [B].
+                 Laid out along the tokens like rope: a sequence shard takes its slice of it.
     """
     e0: torch.Tensor
     context: torch.Tensor
     context_img: Optional[torch.Tensor]
     rope: torch.Tensor
     key_mask: Optional[torch.Tensor] = None
+    e0_rows: Optional[torch.Tensor] = None
 
     def to(self, device, non_blocking=False):
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
         return BlockContext(move(self.e0), move(self.context), move(self.context_img), move(self.rope),
-                            move(self.key_mask))
+                            move(self.key_mask), move(self.e0_rows))
 
     def select(self, batch_slice):
         """The context of a slice of the batch (for micro-batches and data parallelism)."""
         pick = lambda t: None if t is None else t[batch_slice]
         rope = self.rope if self.rope.shape[0] == 1 else self.rope[batch_slice]  # shared by the batch or per sample
-        return BlockContext(pick(self.e0), pick(self.context), pick(self.context_img), rope, pick(self.key_mask))
+        e0 = pick(self.e0) if self.e0_rows is None else self.e0  # a per-token table serves the whole batch
+        return BlockContext(e0, pick(self.context), pick(self.context_img), rope, pick(self.key_mask),
+                            pick(self.e0_rows))
 
-    def with_tokens(self, rope, key_mask):
-        """The same context for another set of tokens (a sequence shard)."""
-        return replace(self, rope=rope, key_mask=key_mask)
+    def with_tokens(self, rope, key_mask, e0_rows=None):
+        """The same context for another set of tokens (a sequence shard); with a per-token t, the
+        shard's e0_rows too (cut like rope)."""
+        if self.e0_rows is not None and e0_rows is None:
+            raise ValueError("This context has a per-token timestep (e0_rows [B, L]); a shard needs its slice of "
+                             "e0_rows, cut like rope.")
+        return replace(self, rope=rope, key_mask=key_mask, e0_rows=e0_rows)
 
 
 class WanRMSNorm(nn.Module):
@@ -232,12 +216,16 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, ctx: BlockContext):
-        """x: [B, L, dim] -> [B, L, dim]; six-way modulation from ctx.e0 [B, 6, dim]."""
+        """x: [B, L, dim] -> [B, L, dim]; six-way modulation from ctx.e0 [B, 6, dim], or per token
+        from the table ctx.e0 [R, 6, dim] through ctx.e0_rows [B, L] (the same sum as Wan 2.2's
+        modulation [1, 1, 6, dim] + e0 [B, L, 6, dim], computed once per distinct timestep)."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = \
             (m.to(x.dtype) for m in (self.modulation.float() + ctx.e0).unbind(1))
-        x = fused_gated_residual(x, self.self_attn(fused_modulate(x, self.norm1, shift_sa, scale_sa), ctx), gate_sa)
+        rows = () if ctx.e0_rows is None else (ctx.e0_rows,)  # t [B]: the very same calls as Wan 2.1
+        x = fused_gated_residual(x, self.self_attn(fused_modulate(x, self.norm1, shift_sa, scale_sa, *rows), ctx),
+                                 gate_sa, *rows)
         x = x + self.cross_attn(self.norm3(x), ctx)
-        x = fused_gated_residual(x, self.ffn(fused_modulate(x, self.norm2, shift_ff, scale_ff)), gate_ff)
+        x = fused_gated_residual(x, self.ffn(fused_modulate(x, self.norm2, shift_ff, scale_ff, *rows)), gate_ff, *rows)
         return x
 
 
@@ -248,28 +236,11 @@ class Head(nn.Module):
         self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
-    def forward(self, x, e):
-        """x: [B, L, dim], e: [B, dim] float32 -> [B, L, prod(patch_size) * out_dim]."""
+    def forward(self, x, e, rows=None):
+        """x: [B, L, dim], e: [B, dim] float32 (or the table [R, dim] with rows [B, L], per-token t)
+        -> [B, L, prod(patch_size) * out_dim]. Wan 2.2 modulates the head with e, not e0."""
         shift, scale = (m.to(x.dtype) for m in (self.modulation.float() + e[:, None]).unbind(1))
-        return self.head(modulate(x, self.norm, shift, scale))
-
-
-class MLPProj(nn.Module):
-    """CLIP image tokens [B, 257 (x2 for flf2v), 1280] -> [B, same, dim]."""
-
-    def __init__(self, in_dim, out_dim, flf_pos_emb=False):
-        super().__init__()
-        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
-                                  nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
-        if flf_pos_emb:  # first and last frame: 2 x 257 tokens, each with a learned position
-            self.emb_pos = nn.Parameter(torch.zeros(1, 2 * CLIP_TOKENS, in_dim))
-
-    def forward(self, image_embeds):
-        if hasattr(self, "emb_pos"):
-            batch, tokens, width = image_embeds.shape
-            image_embeds = image_embeds.reshape(-1, 2 * tokens, width) if tokens != 2 * CLIP_TOKENS else image_embeds
-            image_embeds = image_embeds + self.emb_pos.to(image_embeds.dtype)
-        return self.proj(image_embeds)
+        return self.head(modulate(x, self.norm, shift, scale, rows))
 
 
 def run_blocks_sequentially(blocks, tokens, ctx):
@@ -280,11 +251,14 @@ def run_blocks_sequentially(blocks, tokens, ctx):
 
 
 class WanModel(nn.Module):
-    """Wan 2.1 diffusion transformer.
+    """Wan 2.1 and 2.2 diffusion transformer.
 
-    1.3B: dim 1536, ffn_dim 8960, num_heads 12, num_layers 30.
-    14B:  dim 5120, ffn_dim 13824, num_heads 40, num_layers 40.
+    Wan 2.1 1.3B: dim 1536, ffn_dim 8960, num_heads 12, num_layers 30.
+    Wan 2.1 14B and each Wan 2.2 A14B expert: dim 5120, ffn_dim 13824, num_heads 40, num_layers 40.
+    Wan 2.2 TI2V-5B ('ti2v'): dim 3072, ffn_dim 14336, num_heads 24, num_layers 30, in/out_dim 48.
     in_dim is 16 for t2v and 36 for i2v / flf2v (16 noise + 4 mask + 16 image-latent channels).
+    image_embedding: the CLIP image branch (img_emb, k_img / v_img): Wan 2.1 i2v and flf2v have it
+    (the default for them); Wan 2.2 I2V-A14B has none (i2v with image_embedding=False).
 
     For the documented multi-GPU arguments (parallelism_type, gpu_ids, enable_block_distribution)
     use the subclass wanvideo.parallel.MultiGPUWanModel.
@@ -294,10 +268,15 @@ class WanModel(nn.Module):
 
     def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=2048,
                  ffn_dim=8192, freq_dim=256, text_dim=4096, out_dim=16, num_heads=16, num_layers=32,
-                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6):
+                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6, image_embedding=None):
         super().__init__()
-        if model_type not in ("t2v", "i2v", "flf2v"):
-            raise ValueError(f"model_type {model_type!r} is not one of 't2v', 'i2v', 'flf2v'.")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not one of {', '.join(map(repr, MODEL_TYPES))}.")
+        image_embedding = model_type in ("i2v", "flf2v") if image_embedding is None else bool(image_embedding)
+        if image_embedding != (model_type in ("i2v", "flf2v")) and model_type != "i2v":
+            raise ValueError(f"image_embedding={image_embedding} does not fit model_type {model_type!r}: only i2v "
+                             "exists both with (Wan 2.1) and without (Wan 2.2 I2V-A14B) a CLIP image embedding.")
+        self.image_embedding = image_embedding
         self.model_type, self.patch_size, self.text_len = model_type, tuple(patch_size), text_len
         self.in_dim, self.dim, self.ffn_dim, self.freq_dim = in_dim, dim, ffn_dim, freq_dim
         self.text_dim, self.out_dim, self.num_heads, self.num_layers = text_dim, out_dim, num_heads, num_layers
@@ -307,12 +286,12 @@ class WanModel(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
-        cross_attn_type = "t2v_cross_attn" if model_type == "t2v" else "i2v_cross_attn"
+        cross_attn_type = "i2v_cross_attn" if image_embedding else "t2v_cross_attn"
         self.blocks = nn.ModuleList([
             WanAttentionBlock(cross_attn_type, dim, ffn_dim, num_heads, window_size, qk_norm, cross_attn_norm, eps)
             for _ in range(num_layers)])
         self.head = Head(dim, out_dim, patch_size, eps)
-        if model_type in ("i2v", "flf2v"):
+        if image_embedding:
             self.img_emb = MLPProj(CLIP_DIM, dim, flf_pos_emb=model_type == "flf2v")
         self.block_runner = run_blocks_sequentially
 
@@ -338,15 +317,20 @@ class WanModel(nn.Module):
     # --- the three stages of a forward ---------------------------------------------------------
 
     def embed(self, x, t, context, clip_fea=None, y=None):
-        """Latents and conditioning -> (tokens [B, L, dim], BlockContext, e [B, dim], grid sizes).
+        """Latents and conditioning -> (tokens [B, L, dim], BlockContext, e, grid sizes).
 
-        x: list of [C, F, H, W]; t: [B]; context: list of [Lt, text_dim]; clip_fea: [B, Li, 1280];
+        x: list of [C, F, H, W]; t: [B] (or one value), or per token [B, >= L] (Wan 2.2; tokens in
+        (F, H, W) order of the patch grid); context: list of [Lt, text_dim]; clip_fea: [B, Li, 1280]
+        (Wan 2.1 i2v / flf2v; ignored by models without a CLIP embedding, as ComfyUI does);
         y: list of [C', F, H, W] concatenated to x on channels (i2v mask and image latents).
+        e: [B, dim] float32, or for a per-token t the table [R, dim] that ctx.e0_rows indexes.
         """
-        if self.model_type != "t2v" and (clip_fea is None or y is None):
-            raise ValueError(f"A {self.model_type} model needs clip_fea (CLIP image tokens) and y "
-                             "(mask and image latents); got " +
-                             ("no clip_fea" if clip_fea is None else "no y") + ".")
+        needs_y = self.model_type in ("i2v", "flf2v")
+        if (self.image_embedding and clip_fea is None) or (needs_y and y is None):
+            needed = "clip_fea (CLIP image tokens) and y (mask and image latents)" if self.image_embedding else \
+                "y (mask and image latents; this i2v model has no CLIP image embedding)"
+            raise ValueError(f"A {self.model_type} model needs {needed}; got " +
+                             ("no clip_fea" if self.image_embedding and clip_fea is None else "no y") + ".")
         dtype, device = self.compute_dtype, self.patch_embedding.weight.device
         if y is not None:
             x = [torch.cat([u, v]) for u, v in zip(x, y)]
@@ -371,20 +355,45 @@ class WanModel(nn.Module):
             rope = torch.stack([F.pad(rope_frequencies(self.head_dim, g, device), (0, 0, 0, 0, 0, 0, 0, longest - n))
                                 for g, n in zip(grid_sizes, seq_lens)])
 
-        t = t.to(device).reshape(-1).expand(len(x)) if t.numel() == 1 else t.to(device)
-        e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t).to(dtype)).float()
-        e0 = self.time_projection(e.to(dtype)).float().unflatten(1, (6, self.dim))
+        e, e0, e0_rows = self.time_embeddings(t, len(x), tokens.shape[1])
 
         # zero-padded to text_len (512) as Wan does; prompts longer than that keep every token
         text_tokens = max(self.text_len, max(u.shape[0] for u in context))
         text = torch.stack([F.pad(u, (0, 0, 0, text_tokens - u.shape[0])) for u in context])
         text = self.text_embedding(text.to(device, dtype))
-        context_img = self.img_emb(clip_fea.to(device, dtype)) if clip_fea is not None and self.model_type != "t2v" else None
-        return tokens, BlockContext(e0, text, context_img, rope, key_mask), e, grid_sizes
+        context_img = self.img_emb(clip_fea.to(device, dtype)) if clip_fea is not None and self.image_embedding else None
+        return tokens, BlockContext(e0, text, context_img, rope, key_mask, e0_rows), e, grid_sizes
 
-    def unembed(self, tokens, e, grid_sizes):
-        """Tokens [B, L, dim] -> list of [out_dim, F, H, W] float32 latents."""
-        out = self.head(tokens, e.to(tokens.device))
+    def time_embeddings(self, t, batch, length):
+        """t [B] (or one value) -> (e [B, dim], e0 [B, 6, dim], None), float32.
+
+        A per-token t [B or 1, >= length] (Wan 2.2) that varies along the tokens -> (e [R, dim],
+        e0 [R, 6, dim], rows [B, length] int64): its R distinct timesteps embedded once each, and
+        each token's row. A 720p TI2V-5B video has 27280 tokens but two timesteps (0 on the clean
+        first frame): Wan 2.2's e0 [B, L, 6, dim] would take 2 GB per sample in float32. A t
+        constant along the tokens takes the [B] path, bit for bit.
+        """
+        dtype, device = self.compute_dtype, self.patch_embedding.weight.device
+        t, rows = t.to(device), None
+        if t.dim() == 2:
+            if t.shape[1] < length:
+                raise ValueError(f"The per-token t has {t.shape[1]} timesteps per sample; the latents make {length} "
+                                 "tokens. Give t of shape [B, seq_len] with seq_len >= the token count, or [B].")
+            t = t[:, :length].expand(batch, -1)
+            if bool((t == t[:, :1]).all()):
+                t = t[:, 0]
+            else:
+                t, rows = torch.unique(t, return_inverse=True)
+        elif t.numel() == 1:
+            t = t.reshape(-1).expand(batch)
+        e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t).to(dtype)).float()
+        e0 = self.time_projection(e.to(dtype)).float().unflatten(1, (6, self.dim))
+        return e, e0, rows
+
+    def unembed(self, tokens, e, grid_sizes, e_rows=None):
+        """Tokens [B, L, dim] -> list of [out_dim, F, H, W] float32 latents; e and e_rows as embed
+        gives them (e_rows: the BlockContext's e0_rows, for a per-token t)."""
+        out = self.head(tokens, e.to(tokens.device), None if e_rows is None else e_rows.to(tokens.device))
         pf, ph, pw = self.patch_size
         videos = []
         for u, (f, h, w) in zip(out, grid_sizes):
@@ -393,10 +402,11 @@ class WanModel(nn.Module):
         return videos
 
     def forward(self, x, t, context, seq_len=None, clip_fea=None, y=None):
-        """x: list of [C, F, H, W]; t: [B] timesteps (0..1000); context: list of [Lt, text_dim];
-        seq_len: the official maximum token count (checked, no padding is needed);
-        clip_fea: [B, 257 or 514, 1280] CLIP tokens (i2v / flf2v); y: list of [C', F, H, W].
-        Returns a list of [out_dim, F, H, W] float32 tensors.
+        """x: list of [C, F, H, W]; t: [B] timesteps (0..1000), or per token [B, seq_len] as in
+        Wan 2.2 (token i of sample b at t[b, i]; columns past the token count are ignored);
+        context: list of [Lt, text_dim]; seq_len: the official maximum token count (checked, no
+        padding is needed); clip_fea: [B, 257 or 514, 1280] CLIP tokens (Wan 2.1 i2v / flf2v);
+        y: list of [C', F, H, W]. Returns a list of [out_dim, F, H, W] float32 tensors.
         """
         if isinstance(x, torch.Tensor):
             x = list(x)
@@ -404,4 +414,4 @@ class WanModel(nn.Module):
         if seq_len is not None and tokens.shape[1] > seq_len:
             raise ValueError(f"The latents make {tokens.shape[1]} tokens, more than seq_len={seq_len}.")
         tokens = self.block_runner(self.blocks, tokens, ctx)
-        return self.unembed(tokens, e, grid_sizes)
+        return self.unembed(tokens, e, grid_sizes, ctx.e0_rows)

@@ -123,8 +123,10 @@ class BlockDistribution:
         return "block distribution (" + mode + "):\n  " + "\n  ".join(lines)
 
     def remove(self):
+        """Undo the distribution (on unload): the sequential runner again; swapped blocks stay in CPU
+        memory (restoring them to their GPUs first would upload gigabytes only to free them)."""
         for swapper in self.swappers.values():
-            swapper.remove()
+            swapper.remove(restore_device="cpu")
         from ..modules.model import run_blocks_sequentially
         self.model.block_runner = run_blocks_sequentially
 

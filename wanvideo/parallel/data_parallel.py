@@ -2,10 +2,11 @@
 
 CFG's cond and uncond (the sampler sends them as one batch to a model that `prefers_batched_cfg`)
 and batch items run on different devices at the same time; the results come back to the first
-device. Replicas on the same device share one model, so [cuda:0, cuda:0] costs no extra memory.
+device. Replicas on the same device share one model, so [cuda:0, cuda:0] costs no extra memory
+and runs as one replica: its shares of the batch go through one forward on one thread.
 """
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -25,6 +26,16 @@ def split_evenly(count, parts):
     return bounds
 
 
+def _items(values, ranges):
+    """The entries of a per-item sequence that fall in `ranges` ((start, stop) pairs), in order."""
+    return [value for start, stop in ranges for value in values[start:stop]]
+
+
+def _rows(tensor, ranges, rows_per_item=1):
+    """The rows of `tensor` (`rows_per_item` consecutive rows per item) of the items in `ranges`."""
+    return torch.cat([tensor[start * rows_per_item:stop * rows_per_item] for start, stop in ranges])
+
+
 class DataParallelWan:
     """Calls like a WanModel (the official forward signature) and runs on several replicas.
 
@@ -40,39 +51,50 @@ class DataParallelWan:
         self.replicas, self.devices = list(replicas), [torch.device(d) for d in devices]
         self.device = self.devices[0]
         self.patch_size = self.replicas[0].patch_size
+        self.text_dim = getattr(self.replicas[0], "text_dim", None)  # the sampler checks the text width up front
         self._pool = ThreadPoolExecutor(max_workers=len(self.replicas), thread_name_prefix="wan-data-parallel")
 
     def __call__(self, x, t, context, seq_len=None, clip_fea=None, y=None):
         x = list(x)
         batch = len(x)
         images_per_item = clip_fea.shape[0] // batch if clip_fea is not None else 0
-        jobs = []
-        for replica, device, (start, stop) in self._assignments(batch):
-            part = dict(
-                x=[u.to(device, non_blocking=True) for u in x[start:stop]],
-                t=(t.reshape(-1).expand(batch) if t.numel() == 1 else t)[start:stop].to(device),
-                context=[c.to(device, non_blocking=True) for c in context[start:stop]], seq_len=seq_len,
-                clip_fea=None if clip_fea is None else
-                clip_fea[start * images_per_item:stop * images_per_item].to(device, non_blocking=True),
-                y=None if y is None else [u.to(device, non_blocking=True) for u in y[start:stop]])
-            jobs.append(self._pool.submit(self._run, replica, device, part))
-        outputs = []
-        for job in jobs:  # in batch order; an exception on any replica propagates here
-            outputs.extend(job.result())
-        return [u.to(self.device) for u in outputs]
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
+        assignments = self._assignments(batch)
+        parts = [dict(x=[u.to(device, non_blocking=True) for u in _items(x, ranges)], t=_rows(t, ranges).to(device),
+                      context=[c.to(device, non_blocking=True) for c in _items(context, ranges)], seq_len=seq_len,
+                      clip_fea=None if clip_fea is None else
+                      _rows(clip_fea, ranges, images_per_item).to(device, non_blocking=True),
+                      y=None if y is None else [u.to(device, non_blocking=True) for u in _items(y, ranges)])
+                 for _, device, ranges in assignments]  # all made before any replica starts: a failed copy runs none
+        jobs = [self._pool.submit(self._run, replica, device, part)
+                for (replica, device, _), part in zip(assignments, parts)]
+        wait(jobs)  # every replica has stopped before anything is raised: a retry must not find one still running
+        errors = [job.exception() for job in jobs if job.exception() is not None]
+        for error in errors[1:]:
+            logger.error("Another data-parallel replica failed too: %r", error)
+        if errors:
+            raise errors[0]
+        outputs = [None] * batch
+        for (_, _, ranges), job in zip(assignments, jobs):
+            for index, output in zip(_items(range(batch), ranges), job.result()):
+                outputs[index] = output.to(self.device)
+        return outputs
 
     def _assignments(self, batch):
-        """(replica, device, (start, stop)) per job: an even split over the devices, with the shares of
-        a replica listed on several devices joined (one model object runs one batch at a time)."""
-        jobs = []
+        """(replica, device, ranges) per job: an even split of the batch over the devices, where each
+        distinct replica gets ONE job with all its shares ((start, stop) ranges, joined when adjacent),
+        also when it is listed on non-adjacent devices: a model object runs one forward at a time
+        (block swap is not thread-safe)."""
+        jobs = {}  # id(replica) -> (replica, device, ranges), in order of first appearance
         for replica, device, (start, stop) in zip(self.replicas, self.devices, split_evenly(batch, len(self.replicas))):
             if start == stop:
                 continue
-            if jobs and jobs[-1][0] is replica:
-                jobs[-1] = (replica, device, (jobs[-1][2][0], stop))
+            ranges = jobs.setdefault(id(replica), (replica, device, []))[2]
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], stop)
             else:
-                jobs.append((replica, device, (start, stop)))
-        return jobs
+                ranges.append((start, stop))
+        return list(jobs.values())
 
     @staticmethod
     def _run(replica, device, part):

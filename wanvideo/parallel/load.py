@@ -140,7 +140,7 @@ def _spread_swap(swap, counts):
 
 def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, width=832, height=480, num_frames=81,
                            devices=None, blocks_per_gpu=None, blocks_to_swap_per_gpu=None, pipeline_branches=True,
-                           enable_block_distribution=True):
+                           enable_block_distribution=True, shard_weights="auto"):
     """Load `path` and apply a strategy -> WanPipeline (see wanvideo.pipeline).
 
     parallelism_type: 'auto' (planned from the header and the GPUs' free memory by
@@ -149,10 +149,14 @@ def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, 
     devices run every strategy, for tests). enable_block_distribution: let 'data_parallel' fall
     back to block distribution when the model fits no single device. pipeline_branches: run CFG's
     cond and uncond as micro-batches pipelined across block_distribution's stages (else the stages
-    take the whole batch in turn).
+    take the whole batch in turn). shard_weights: 'distributed' only: 'on' splits the weights over
+    the workers (each holds 1/N and gathers a block as it runs), 'off' gives each a whole copy,
+    'auto' shards when a whole copy does not fit a GPU (and lets 'auto' plan a sharded group).
     """
     settings = settings or LoadSettings()
     check_parallelism_type(parallelism_type, allow_auto=True)
+    from .distributed.sharding import check_shard_weights
+    shard_weights = check_shard_weights(shard_weights)
     info = inspect_checkpoint(path)
     if devices is None and not discovery.get_available_gpus() and parallelism_type in ("auto", "none"):
         logger.warning("No CUDA GPU is available: running on the CPU (expect minutes per step).")
@@ -161,7 +165,10 @@ def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, 
     if parallelism_type == "auto":
         inventory = [g for g in discovery.get_gpu_info() if torch.device("cuda", g["index"]) in devices]
         plan = setup_optimal_parallelism(path, gpus=inventory, width=width, height=height, num_frames=num_frames,
-                                         base_precision=settings.base_precision, quantization=settings.quantization)
+                                         base_precision=settings.base_precision, quantization=settings.quantization,
+                                         block_swap=settings.swaps_blocks,
+                                         torch_compile=settings.compile_args is not None,
+                                         shard_weights=shard_weights)
         logger.info("auto: %s", plan["reason"])
         # the degrees are left to the workers: they choose per run, so a cfg-1 run uses every GPU
         return load_parallel_pipeline(
@@ -169,14 +176,17 @@ def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, 
             width=width, height=height, num_frames=num_frames,
             devices=[torch.device("cuda", i) for i in plan["gpu_ids"]] or [torch.device("cpu")],
             blocks_per_gpu=plan.get("blocks_per_gpu"), blocks_to_swap_per_gpu=plan.get("blocks_to_swap_per_gpu"),
-            pipeline_branches=pipeline_branches, enable_block_distribution=enable_block_distribution)
+            pipeline_branches=pipeline_branches, enable_block_distribution=enable_block_distribution,
+            shard_weights=plan["shard_weights"] if shard_weights == "auto" else shard_weights)
     if parallelism_type == "none" or (len(devices) == 1 and parallelism_type != "distributed"):
         if parallelism_type != "none":
             logger.warning("%s with one device (%s) is the plain single-device model.", parallelism_type, devices[0])
         return load_pipeline(path, devices[0], settings)
     if parallelism_type == "distributed":
         from .distributed.pipeline import load_distributed_pipeline
-        return load_distributed_pipeline(path, devices, settings)
+        # CFG and sequence parallelism split the step's activations over the GPUs
+        reserve = _activation_reserve(info, settings, width, height, num_frames) // len(devices)
+        return load_distributed_pipeline(path, devices, settings, shard_weights=shard_weights, reserve_bytes=reserve)
 
     reserve = _activation_reserve(info, settings, width, height, num_frames)
     if parallelism_type == "data_parallel":

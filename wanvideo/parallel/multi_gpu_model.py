@@ -21,16 +21,23 @@ from .devices import resolve_devices
 
 logger = logging.getLogger(__name__)
 
-PARALLELISM_TYPES = ("none", "data_parallel", "block_distribution", "distributed")
+# expert_parallel: the two experts of a Wan 2.2 A14B pair on separate GPUs (parallel/experts.py); it
+# is in this list because the Multi-GPU loader offers it, and single models reject it below.
+PARALLELISM_TYPES = ("none", "data_parallel", "block_distribution", "distributed", "expert_parallel")
 
 __all__ = ["PARALLELISM_TYPES", "MultiGPUWanModel", "setup_multi_gpu_parallelism", "get_available_gpus",
            "distribute_model_blocks", "check_parallelism_type"]
 
 
 def check_parallelism_type(parallelism_type, allow_auto=False):
+    """For one model (not an expert pair): a known strategy, and not expert_parallel."""
     names = (("auto",) if allow_auto else ()) + PARALLELISM_TYPES
     if parallelism_type not in names:
         raise ValueError(f"parallelism_type {parallelism_type!r} is not one of {', '.join(map(repr, names))}.")
+    if parallelism_type == "expert_parallel":
+        raise ValueError("expert_parallel places the two experts of a Wan 2.2 A14B model on separate GPUs and needs a "
+                         "low-noise expert file: give it as the loader's low_noise_model (api.load(..., "
+                         "low_noise_path=...)), or choose another strategy for a single model.")
 
 
 class MultiGPUWanModel(WanModel):

@@ -61,7 +61,7 @@ VAE_STRIDE = (4, 8, 8)            # Wan VAE: 4x in time (first frame kept), 8x i
 
 PLAN_KEYS = ("parallelism_type", "gpu_ids", "base_precision", "quantization", "blocks_to_swap",
              "blocks_to_swap_per_gpu", "blocks_per_gpu", "ulysses_degree", "ring_degree", "cfg_degree",
-             "estimated_memory_per_gpu", "reason")
+             "estimated_memory_per_gpu", "shard_weights", "reason")
 
 
 def gib(num_bytes):
@@ -174,8 +174,8 @@ def _check_inventory(gpus):
 
 
 def _plan(footprint, parallelism_type, gpus, estimates, reason, blocks_to_swap=0, blocks_to_swap_per_gpu=None,
-          blocks_per_gpu=None, ulysses=1, ring=1, cfg_degree=1):
-    return dict(parallelism_type=parallelism_type, gpu_ids=[int(g["index"]) for g in gpus],
+          blocks_per_gpu=None, ulysses=1, ring=1, cfg_degree=1, shard_weights="off"):
+    return dict(parallelism_type=parallelism_type, gpu_ids=[int(g["index"]) for g in gpus], shard_weights=shard_weights,
                 base_precision=footprint.base_precision, quantization=footprint.quantization,
                 blocks_to_swap=int(blocks_to_swap), blocks_to_swap_per_gpu=blocks_to_swap_per_gpu,
                 blocks_per_gpu=blocks_per_gpu, ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg_degree,
@@ -199,13 +199,35 @@ class Workload:
 
 
 def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_precision="bf16",
-                     quantization="disabled", cfg=True, batch_size=1):
+                     quantization="disabled", cfg=True, batch_size=1, block_swap=False, torch_compile=False,
+                     shard_weights="auto"):
     """CheckpointInfo + GPU inventory -> plan dict (see PLAN_KEYS and the module docstring).
 
     Order of preference: replicas that split the work (data parallel, sequence parallel) when the
-    model fits each of two or more GPUs; else one GPU when it fits one; else block distribution
-    over the GPUs (with swap if even their sum is too small); else one GPU with block swap.
+    model fits each of two or more GPUs; else one GPU when it fits one; else the distributed
+    strategy with the weights sharded over the GPUs when 1/N of them fits each (plan_sharded.py;
+    not with shard_weights 'off'); else block distribution over the GPUs (with swap if even their
+    sum is too small); else one GPU with block swap.
+    block_swap, torch_compile: the loader asks for them (its Block Swap / Torch Compile inputs).
+    The distributed strategy's workers support neither, so it is then not chosen and the reason
+    says what it would have been.
     """
+    plan = _choose_plan(info, gpus, width, height, num_frames, base_precision, quantization, cfg, batch_size,
+                        shard_weights=shard_weights)
+    asked = " and ".join(name for name, on in (("block swap", block_swap), ("torch.compile", torch_compile)) if on)
+    if not asked or plan["parallelism_type"] != "distributed":
+        return plan
+    in_process = _choose_plan(info, gpus, width, height, num_frames, base_precision, quantization, cfg, batch_size,
+                              worker_processes=False)
+    in_process["reason"] += (f" (The distributed strategy, sequence parallel on {len(plan['gpu_ids'])} GPUs, would "
+                             f"be faster, but its worker processes do not combine with {asked}, which the loader "
+                             "asks for: disconnect that input to use it.)")
+    return in_process
+
+
+def _choose_plan(info, gpus, width, height, num_frames, base_precision, quantization, cfg, batch_size,
+                 worker_processes=True, shard_weights="auto"):
+    """plan_parallelism's choice; worker_processes=False leaves the distributed strategy out."""
     footprint = ModelFootprint(info, base_precision, quantization)
     work = Workload(footprint, width, height, num_frames, cfg, batch_size)
     _check_inventory(gpus)
@@ -221,7 +243,7 @@ def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_prec
     fitting = sorted((g for g in gpus if single_bytes <= usable_memory(g)), key=usable_memory, reverse=True)
 
     if len(gpus) >= 2:
-        replicated = _plan_replicated(footprint, work, gpus, need)
+        replicated = _plan_replicated(footprint, work, gpus, need, worker_processes)
         if replicated is not None:
             return replicated
     if fitting:
@@ -236,6 +258,11 @@ def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_prec
         return _plan(footprint, "none", [best], [single_bytes],
                      f"{need}: {gib(single_bytes)} in all, which fits GPU {best['index']} "
                      f"({gib(usable_memory(best))} usable), so it runs there without block swap.{why_single}")
+    if len(gpus) >= 2 and worker_processes and shard_weights != "off":
+        from .plan_sharded import plan_sharded_distributed  # imports this module: see plan_sharded.py
+        sharded = plan_sharded_distributed(footprint, work, gpus, need)
+        if sharded is not None:
+            return sharded
     if len(gpus) >= 2:
         distributed = _plan_block_distribution(footprint, work, gpus, need)
         if distributed is not None:
@@ -323,7 +350,9 @@ def _plan_block_distribution(footprint, work, gpus, need):
                      reason=f"{need}: too much for any single GPU, so the {footprint.num_layers} blocks are split in "
                             f"contiguous ranges in proportion to each GPU's free memory after its activations "
                             f"({'; '.join(ranges)}); embeddings sit on the first GPU and the head on the last. "
-                            f"The GPUs take turns, so a step takes about as long as on one GPU that held it all."
+                            f"With CFG (or a batch) the loader pipelines the branches through the GPUs, so they work "
+                            f"at once; a single branch goes through them in turn, about as long as on one GPU that "
+                            f"held it all."
                             f"{swap_text}"
                             + (f" GPUs {left_out} are left out: their free memory next to the activations holds "
                                f"no block, or fewer block bytes than the activation traffic they would add each step."
@@ -331,7 +360,7 @@ def _plan_block_distribution(footprint, work, gpus, need):
     return None
 
 
-def _plan_replicated(footprint, work, gpus, need):
+def _plan_replicated(footprint, work, gpus, need, worker_processes=True):
     """Data parallel or sequence parallel over GPUs that each hold the whole model, or None.
 
     Data parallel (one process, one replica per GPU, the items split) costs no communication inside
@@ -370,7 +399,7 @@ def _plan_replicated(footprint, work, gpus, need):
                 if best is None or cfg_degree * shards > best[0] * best[1]:
                     best = (cfg_degree, shards, fit[:cfg_degree * shards], weights_and_reserve + activation)
                 break
-    if best and (data_parallel is None or best[0] * best[1] > len(data_parallel[0])):
+    if best and worker_processes and (data_parallel is None or best[0] * best[1] > len(data_parallel[0])):
         return _distributed_plan(footprint, work, gpus, need, *best)
     if data_parallel:
         return _data_parallel_plan(footprint, work, gpus, need, *data_parallel)

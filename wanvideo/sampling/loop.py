@@ -15,7 +15,8 @@ from typing import Callable, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .schedulers import NUM_TRAIN_TIMESTEPS, flow_sigmas, make_scheduler
+from .experts import ExpertPair, move_to
+from .schedulers import NUM_TRAIN_TIMESTEPS, SCHEDULERS, flow_sigmas, make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +53,24 @@ def _state_device(model, noise):
     return torch.device(device) if device is not None else noise.device
 
 
-def _check_branch(cond, name, batch, frame_shape, fallback=None):
-    """Raise a clear error when a branch does not fit the batch; returns (context, clip_fea, y)."""
+def _check_branch(cond, name, batch, frame_shape, fallback=None, text_dim=None):
+    """Raise a clear error when a branch does not fit the batch (or the model's text width);
+    returns (context, clip_fea, y)."""
     if not isinstance(cond, Conditioning):
         raise TypeError(f"{name} must be a Conditioning; got {type(cond).__name__}.")
     context = list(cond.context)
     if len(context) != batch:
         raise ValueError(f"{name}.context has {len(context)} text embeddings for a batch of {batch} videos; "
                          "give one per video.")
+    for i, text in enumerate(context):
+        if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.shape[0] < 1:
+            shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+            raise ValueError(f"{name}.context[{i}] has shape {shape}; a text embedding is [L, {text_dim or 'width'}] "
+                             "with at least one token.")
+        if text_dim is not None and text.shape[1] != text_dim:
+            # said here, not as the first Linear's "mat1 and mat2 shapes cannot be multiplied"
+            raise ValueError(f"{name}.context[{i}] is {text.shape[1]} wide; this model takes text embeddings "
+                             f"{text_dim} wide (umT5-XXL for Wan): encode the prompt with the Wan text encoder.")
     clip_fea = cond.clip_fea if cond.clip_fea is not None else (fallback.clip_fea if fallback else None)
     y = cond.y if cond.y is not None else (fallback.y if fallback else None)
     if clip_fea is not None and clip_fea.shape[0] != batch:
@@ -101,13 +112,24 @@ def _velocity(model, x, sigma, branches, seq_len):
     return torch.stack([o.to(x.device, torch.float32) for o in out])
 
 
-def check_inputs(noise, positive, negative=None, cfg=5.0, denoise=1.0, init_latent=None, patch_size=(1, 2, 2)):
-    """Every error sample_video would raise about its inputs, without running anything (the
-    distributed runner calls it before sending a request to its workers)."""
-    if noise.dim() != 5:
-        raise ValueError(f"noise must be [B, 16, F, H, W]; got shape {tuple(noise.shape)}.")
-    if not (isinstance(cfg, (int, float)) and math.isfinite(cfg)):
-        raise ValueError(f"cfg must be a finite number; got {cfg!r}.")
+def check_inputs(noise, positive, negative=None, cfg=5.0, denoise=1.0, init_latent=None, patch_size=(1, 2, 2),
+                 steps=None, shift=None, scheduler=None, text_dim=None):
+    """Every error sample_video would raise about its inputs, without running anything: the one
+    input check of the nodes, the example and the distributed client (before it sends a request
+    to its workers). steps, shift, scheduler: checked when given; text_dim: the model's text
+    embedding width (4096 for umT5-XXL), checked against every context when given."""
+    if not isinstance(noise, torch.Tensor) or noise.dim() != 5 or min(noise.shape) < 1:
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be [B, 16, F, H, W] with every size at least 1; got {shape}. A video is at "
+                         "least 16x16 pixels and 1 frame.")
+    if isinstance(cfg, bool) or not (isinstance(cfg, (int, float)) and math.isfinite(cfg) and cfg >= 1):
+        raise ValueError(f"cfg must be a finite number of at least 1 (1: no guidance; Wan uses 5 to 6); got {cfg!r}.")
+    if steps is not None or shift is not None:  # raises for a bad steps, shift or denoise, with the value
+        flow_sigmas(1 if steps is None else steps, 1.0 if shift is None else shift, denoise)
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of {', '.join(map(repr, SCHEDULERS))}.")
+    if isinstance(denoise, bool) or not (isinstance(denoise, (int, float)) and 0 < denoise <= 1):
+        raise ValueError(f"denoise must be in (0, 1]; got {denoise!r}. Use 1.0 to generate from pure noise.")
     guided = cfg != 1
     if guided and negative is None:
         raise ValueError(f"cfg={cfg} needs a negative Conditioning; pass one, or set cfg to 1.0 to sample "
@@ -121,15 +143,19 @@ def check_inputs(noise, positive, negative=None, cfg=5.0, denoise=1.0, init_late
     if any(n % p for n, p in zip(frame_shape, patch_size)):
         raise ValueError(f"Latent frames x height x width {frame_shape} must divide by the patch size "
                          f"{tuple(patch_size)}: use a video width and height that are multiples of 16.")
-    _check_branch(positive, "positive", batch, frame_shape)
+    _check_branch(positive, "positive", batch, frame_shape, text_dim=text_dim)
     if guided:
-        _check_branch(negative, "negative", batch, frame_shape, fallback=positive)
+        _check_branch(negative, "negative", batch, frame_shape, fallback=positive, text_dim=text_dim)
 
 
 def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, negative: Optional[Conditioning] = None,
                  steps=30, cfg=5.0, shift=5.0, scheduler="unipc", denoise=1.0, init_latent=None, batch_cfg=None,
-                 callback=None, check_interrupt=None, progress=True):
+                 callback=None, check_interrupt=None, progress=True, cfg_low_noise=None):
     """Denoise `noise` [B, 16, F, H, W] (model space) into latents [B, 16, F, H, W] float32 on noise.device.
+
+    model: a denoiser, or an ExpertPair (Wan 2.2 A14B, sampling/experts.py): each step runs the
+      expert the pair names for its timestep, guided by `cfg` (high-noise) or `cfg_low_noise`
+      (low-noise; None: cfg); the latents and the solver's history follow the active expert's device.
 
     cfg: guidance scale; the velocity is uncond + cfg * (cond - uncond). At cfg == 1 the negative
       branch is never evaluated. batch_cfg: evaluate cond and uncond in one call of 2B items
@@ -140,11 +166,16 @@ def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, n
     callback(step_index, total_steps, x0_prediction [B, 16, F, H, W]) runs after each step;
     check_interrupt() runs before each step and cancels by raising.
     """
-    sigmas = flow_sigmas(steps, shift, denoise)  # validates steps, shift and denoise first
-    check_inputs(noise, positive, negative, cfg, denoise, init_latent, getattr(model, "patch_size", (1, 2, 2)))
-    guided = cfg != 1
-    if batch_cfg is None:
-        batch_cfg = bool(getattr(model, "prefers_batched_cfg", False))
+    pair = model if isinstance(model, ExpertPair) else None
+    if pair is None and cfg_low_noise is not None:
+        raise ValueError(f"cfg_low_noise={cfg_low_noise} is the low-noise expert's guidance scale (Wan 2.2 A14B); "
+                         "this model is a single one: leave it None and use cfg.")
+    checked_cfg = cfg if pair is None else pair.check_guidance(cfg, cfg_low_noise)
+    check_inputs(noise, positive, negative, checked_cfg, denoise, init_latent,
+                 getattr(model, "patch_size", (1, 2, 2)), steps, shift, scheduler, getattr(model, "text_dim", None))
+    sigmas = flow_sigmas(steps, shift, denoise)
+    scales = [cfg] * steps if pair is None else pair.guidance_scales(sigmas, cfg, cfg_low_noise)
+    guided = any(scale != 1 for scale in scales)
 
     solver = make_scheduler(scheduler, sigmas)
     device = _state_device(model, noise)
@@ -165,16 +196,22 @@ def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, n
         for i in range(steps):
             if check_interrupt is not None:
                 check_interrupt()
-            sigma = sigmas[i].item()
-            if not guided:
-                velocity = _velocity(model, x, sigma, [pos], seq_len)
-            elif batch_cfg:
-                cond, uncond = _velocity(model, x, sigma, [pos, neg], seq_len).split(batch)
-                velocity = uncond + cfg * (cond - uncond)
+            sigma, scale, denoiser = sigmas[i].item(), scales[i], model
+            if pair is not None:  # this step's expert, made ready by the pair; the state follows its device
+                denoiser = pair.before_step(i, sigmas)
+                if _state_device(denoiser, x) != device:
+                    device = _state_device(denoiser, x)
+                    x, pos, neg = move_to(device, x, pos, neg)
+                    solver.to(device)
+            if scale == 1:
+                velocity = _velocity(denoiser, x, sigma, [pos], seq_len)
+            elif batch_cfg if batch_cfg is not None else getattr(denoiser, "prefers_batched_cfg", False):
+                cond, uncond = _velocity(denoiser, x, sigma, [pos, neg], seq_len).split(batch)
+                velocity = uncond + scale * (cond - uncond)
             else:
-                cond = _velocity(model, x, sigma, [pos], seq_len)
-                uncond = _velocity(model, x, sigma, [neg], seq_len)
-                velocity = uncond + cfg * (cond - uncond)
+                cond = _velocity(denoiser, x, sigma, [pos], seq_len)
+                uncond = _velocity(denoiser, x, sigma, [neg], seq_len)
+                velocity = uncond + scale * (cond - uncond)
             x0 = x - sigma * velocity
             x = solver.step(velocity, x, i)
             del velocity

@@ -87,6 +87,18 @@ class FlowScheduler:
         """[steps] float64 model timesteps, sigma * 1000."""
         return self.sigmas[:-1] * NUM_TRAIN_TIMESTEPS
 
+    def to(self, device):
+        """Move the history of earlier steps (multistep solvers' x0 predictions, states) to `device`:
+        the latents of a two-expert run hop to the active expert's GPU mid-run. -> self"""
+        for name, value in vars(self).items():
+            if name == "sigmas":  # the schedule stays on the CPU, in float64
+                continue
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+                setattr(self, name, [v.to(device) for v in value])
+        return self
+
     def _check_index(self, step_index):
         if step_index != self._next_index or not 0 <= step_index < self.num_steps:
             raise ValueError(f"{type(self).__name__}.step got step_index={step_index}; expected "

@@ -19,7 +19,6 @@ import time
 import torch
 
 from ...sampling.loop import Conditioning, check_inputs
-from ...sampling.schedulers import flow_sigmas, make_scheduler
 from .protocol import detached_request
 from .topology import choose_degrees
 
@@ -103,8 +102,9 @@ class WanWorkerClient:
         degrees: this run's layout (default: the client's, else choose_degrees).
         """
         self._check_latents(noise, positive, negative)
-        make_scheduler(scheduler, flow_sigmas(steps, shift, denoise))  # bad settings fail here, not in the workers
-        check_inputs(noise, positive, negative, cfg, denoise, init_latent, self.served.patch_size)
+        # bad settings fail here, not in the workers
+        check_inputs(noise, positive, negative, cfg, denoise, init_latent, self.served.patch_size, steps, shift,
+                     scheduler, self.served.text_dim)
         return self._run(dict(kind="sample", latents=noise, positive=positive, negative=negative, cfg=cfg, steps=steps,
                               shift=shift, scheduler=scheduler, denoise=denoise, init_latent=init_latent,
                               batch_cfg=batch_cfg, previews=previews), degrees, callback, check_interrupt)

@@ -57,18 +57,20 @@ class Request:
 class ServedModel:
     """What a client needs to know of the workers' checkpoint to check a request before sending it.
     path: the file as the workers see it (for messages); model_type: 't2v', 'i2v' or 'flf2v';
-    patch_size (F, H, W); in_dim: input channels (16, plus y's for i2v); num_heads (for the layout)."""
+    patch_size (F, H, W); in_dim: input channels (16, plus y's for i2v); num_heads (for the layout);
+    text_dim: the text embedding width (None from workers that do not publish it)."""
     path: str
     model_type: str
     patch_size: tuple
     in_dim: int
     num_heads: int
+    text_dim: Optional[int] = None
 
     @classmethod
     def from_info(cls, info):
         """From a wanvideo.checkpoint.CheckpointInfo."""
         return cls(str(info.path), info.model_type, tuple(info.config["patch_size"]), int(info.config["in_dim"]),
-                   int(info.config["num_heads"]))
+                   int(info.config["num_heads"]), int(info.config["text_dim"]))
 
     def to_json(self):
         return json.dumps({**self.__dict__, "patch_size": list(self.patch_size)})

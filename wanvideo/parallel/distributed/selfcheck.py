@@ -2,6 +2,7 @@
 
     python -m wanvideo.parallel.distributed.selfcheck                    # all visible GPUs, tiny model
     python -m wanvideo.parallel.distributed.selfcheck --devices cpu cpu cpu cpu --precision fp32
+    python -m wanvideo.parallel.distributed.selfcheck --shard-weights on    # weights sharded (FSDP2)
 
 For each layout cfg x ulysses x ring of the device count, one guided forward of a tiny random Wan
 model (6 heads; an odd token count, so sequence padding is exercised) runs on the worker group and
@@ -63,6 +64,8 @@ def main(argv=None):
     parser.add_argument("--devices", nargs="*", help="devices or GPU ids (cpu cpu, 0 1, cuda:0 cuda:1); "
                                                          "default: every visible GPU")
     parser.add_argument("--precision", default="fp32", choices=sorted(TOLERANCE))
+    parser.add_argument("--shard-weights", default="off", choices=("off", "on"),
+                        help="on: each worker holds 1/N of the weights (FSDP2), gathering each block as it runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     devices = parse_devices(args.devices) if args.devices else \
@@ -92,10 +95,12 @@ def main(argv=None):
             cond, uncond = run(positive.context), run(negative.context)
             expected = (uncond + 4.0 * (cond - uncond)).cpu()
         del model
-        with DistributedWanRunner(path, devices, base_precision=args.precision) as runner:
+        with DistributedWanRunner(path, devices, base_precision=args.precision,
+                                  shard_weights=args.shard_weights) as runner:
+            sharded = ", weights sharded" if args.shard_weights == "on" else ""
             for degrees in all_layouts(len(devices)):
                 out = runner.forward(x, t, positive, negative, cfg=4.0, degrees=degrees)
-                report(f"{len(devices)} x {devices[0].type} {degrees}", relative_error(out, expected))
+                report(f"{len(devices)} x {devices[0].type} {degrees}{sharded}", relative_error(out, expected))
     print("all checks passed" if not failures else f"{failures} checks FAILED", flush=True)
     return 1 if failures else 0
 

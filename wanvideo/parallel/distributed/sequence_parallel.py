@@ -3,8 +3,8 @@
 On every rank of an SP group (each rank holds a full copy of the model and runs the same embed):
   - `model.block_runner` becomes a `SequenceParallelRunner`: it pads the tokens to a multiple of
     the SP size (padding keys masked out of self-attention, so results are exact), keeps this
-    rank's shard with its RoPE rotations and mask, runs the blocks on the shard, and all-gathers
-    the shards before the head;
+    rank's shard with its RoPE rotations, mask and (per-token t) modulation rows, runs the blocks
+    on the shard, and all-gathers the shards before the head;
   - every `block.self_attn.attn_op` becomes a `SequenceParallelAttention` (Ulysses all-to-all,
     ring attention, or both).
 Everything else in a block acts token by token, and cross-attention attends to the replicated
@@ -49,9 +49,11 @@ class SequenceParallelRunner:
         tokens = _pad_along_tokens(tokens, padding)
         rope = _pad_along_tokens(ctx.rope, padding) if ctx.rope.shape[1] == length else ctx.rope
         key_mask = None if key_mask is None else _pad_along_tokens(key_mask, padding, False)
+        rows = None if ctx.e0_rows is None else _pad_along_tokens(ctx.e0_rows, padding)  # per-token t (Wan 2.2)
 
         shard = slice(shard_index * shard_length, (shard_index + 1) * shard_length)
-        shard_ctx = ctx.with_tokens(rope[:, shard], None if key_mask is None else key_mask[:, shard].contiguous())
+        shard_ctx = ctx.with_tokens(rope[:, shard], None if key_mask is None else key_mask[:, shard].contiguous(),
+                                    None if rows is None else rows[:, shard])
         out = self.inner_runner(blocks, tokens[:, shard].contiguous(), shard_ctx)
         return all_gather_along(out, 1, self.groups.sp_group, size)[:, :length]
 

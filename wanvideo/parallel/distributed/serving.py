@@ -13,6 +13,7 @@ from ...pipeline import LoadSettings, load_prepared_model
 from ...sampling.loop import sample_video
 from .cfg_parallel import GuidedVelocityModel
 from .sequence_parallel import apply_sequence_parallel
+from .sharding import load_sharded_model
 from .topology import ParallelGroups, choose_degrees
 
 logger = logging.getLogger(__name__)
@@ -29,14 +30,20 @@ class WorkerSession:
     sequence of requests, so the collective `new_group` calls match.
     """
 
-    def __init__(self, checkpoint_path, device, settings: LoadSettings):
+    def __init__(self, checkpoint_path, device, settings: LoadSettings, shard_weights=False):
         """settings: precision, quantization (fp8 fast matmuls included), attention and LoRAs (merged
-        by every rank from the files); a distributed group neither swaps blocks nor compiles."""
+        by every rank from the files); a distributed group neither swaps blocks nor compiles.
+        shard_weights: each rank keeps 1/N of every weight and gathers a block as it runs
+        (sharding.py); every rank of the world must agree on it."""
         if settings.swaps_blocks or settings.compile_args is not None:
-            raise ValueError("Distributed workers keep a whole model on their device: block swap and "
+            raise ValueError("Distributed workers keep their weights on their device: block swap and "
                              "torch.compile are not supported here.")
         self.device = torch.device(device)
-        self.model, self.info, _ = load_prepared_model(checkpoint_path, self.device, settings)
+        self.shard_report = None
+        if shard_weights:
+            self.model, self.info, self.shard_report = load_sharded_model(checkpoint_path, self.device, settings)
+        else:
+            self.model, self.info, _ = load_prepared_model(checkpoint_path, self.device, settings)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         # Collectives on the default group need tensors where its backend works: GPU for NCCL.
         self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -81,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--quantization", default="disabled", choices=("disabled", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast"))
     parser.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash_attn, sageattention")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for trying it out")
+    parser.add_argument("--shard-weights", default="off", choices=("off", "on"),
+                        help="on: each rank holds 1/N of the weights and gathers each block as it runs (FSDP2)")
     parser.add_argument("--serve-host", default="0.0.0.0", help="address rank 0's request store listens on")
     parser.add_argument("--serve-port", type=int, default=29510, help="port of rank 0's request store")
     args = parser.parse_args(argv)
@@ -100,7 +102,8 @@ def main(argv=None):
     try:
         session = WorkerSession(args.checkpoint, device, LoadSettings(base_precision=args.precision,
                                                                       quantization=args.quantization,
-                                                                      attention_mode=args.attention))
+                                                                      attention_mode=args.attention),
+                                shard_weights=args.shard_weights == "on")
         dist.barrier()
         if rank == 0:
             store.set("model", ServedModel.from_info(session.info).to_json())

@@ -41,6 +41,7 @@ from ...pipeline import LoadSettings
 from .client import WanWorkerClient, WorkerGroupError, WorkerTransport
 from .protocol import ServedModel, decode_request, encode_request
 from .serving import RunInterrupted, WorkerSession
+from .sharding import resolve_shard_weights
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def worker_main(rank, world_size, init_method, backend, device, load_args, reque
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout_s))
         settings = dict(load_args)
-        session = WorkerSession(settings.pop("checkpoint_path"), device, LoadSettings(**settings))
+        session = WorkerSession(settings.pop("checkpoint_path"), device, shard_weights=settings.pop("shard_weights"),
+                                settings=LoadSettings(**settings))
         message_queue.put(("ready", None, rank))
         while (payload := _next_request(request_queue)) is not None:
             request = decode_request(payload)
@@ -281,7 +283,10 @@ class DistributedWanRunner(WanWorkerClient):
       (cfg 2 when guidance is on and the device count is even, then Ulysses, then ring);
     start_timeout_s: bound on process start and weight loading; step_timeout_s: bound on the time
       between two messages from the workers during a run (a step, or the first step);
-    cpu_threads_per_worker: torch CPU threads of each worker (default: the cores shared out).
+    cpu_threads_per_worker: torch CPU threads of each worker (default: the cores shared out);
+    shard_weights: 'off' (every worker holds a whole copy), 'on' (each holds 1/N of every weight,
+      gathering each block as it runs: sharding.py) or 'auto' (on when a whole copy does not fit
+      the free memory of a GPU next to activation_reserve_bytes; `shard_reason` says why).
 
     sample() and forward() are the shared client's (client.py). The group starts on first use,
     lives across runs and ends with shutdown(), when the runner is garbage collected, or at exit.
@@ -290,7 +295,8 @@ class DistributedWanRunner(WanWorkerClient):
 
     def __init__(self, checkpoint_path, devices, base_precision="bf16", quantization="disabled",
                  attention_mode="sdpa", degrees=None, start_timeout_s=900.0, step_timeout_s=900.0,
-                 cpu_threads_per_worker=None, collective_timeout_s=1800.0, loras=()):
+                 cpu_threads_per_worker=None, collective_timeout_s=1800.0, loras=(), shard_weights="auto",
+                 activation_reserve_bytes=0):
         self.devices = _as_devices(devices)
         self.info = inspect_checkpoint(str(checkpoint_path))
         self.served = ServedModel.from_info(self.info)
@@ -300,6 +306,10 @@ class DistributedWanRunner(WanWorkerClient):
         self.load_args = dict(checkpoint_path=str(checkpoint_path), base_precision=base_precision,
                               quantization=quantization, attention_mode=attention_mode,
                               loras=[(str(path), float(strength)) for path, strength in loras])
+        self.shard_weights, self.shard_reason = resolve_shard_weights(shard_weights, self.info, self.devices,
+                                                                      base_precision, quantization,
+                                                                      activation_reserve_bytes)
+        self.load_args["shard_weights"] = self.shard_weights
         self.start_timeout_s, self.step_timeout_s = start_timeout_s, step_timeout_s
         self.collective_timeout_s = collective_timeout_s
         if cpu_threads_per_worker is None:  # share the cores out instead of every worker taking them all

@@ -1,0 +1,65 @@
+"""The planner's sharded option: the distributed strategy with each GPU holding 1/N of the weights.
+
+plan.py calls `plan_sharded_distributed` when a whole copy of the model fits none of the GPUs
+(so neither replicas nor one GPU can run it) and before block distribution, which runs the GPUs
+in turn: with sharding every GPU works on every step. (A module of its own beside plan.py, which
+imports it where it is used: plan.py is at its size limit.)
+
+Memory per GPU, on top of plan.py's model (module docstring there):
+
+    weights      weight_bytes / N: this rank's rows of every parameter (distributed/sharding.py);
+    gathered     SHARD_GATHERED_BLOCKS whole blocks: the block running and the next one, whose
+                 all-gather is issued while the first computes (FSDP2 forward prefetch), plus the
+                 embeddings and the head, gathered for the whole forward (the root FSDP unit);
+    activations  plan.py's estimate for one CFG group's items with the tokens split over its GPUs;
+    runtime      RUNTIME_RESERVE_BYTES.
+"""
+import math
+
+from .distributed.sharding import fsdp2_missing
+from .plan import (RUNTIME_RESERVE_BYTES, _interconnect_note, _plan, gib, sequence_parallel_degrees,
+                   usable_memory)
+
+SHARD_GATHERED_BLOCKS = 2
+
+
+def estimate_sharded_bytes(footprint, activation_bytes, world_size):
+    """Peak bytes on each of `world_size` GPUs sharing the weights (see the module docstring)."""
+    return (math.ceil(footprint.weight_bytes / world_size) + SHARD_GATHERED_BLOCKS * footprint.block_bytes
+            + footprint.embedding_bytes + footprint.head_bytes + activation_bytes + RUNTIME_RESERVE_BYTES)
+
+
+def plan_sharded_distributed(footprint, work, gpus, need):
+    """The most GPUs (largest free memory first) on which a 1/N shard plus activations fits each,
+    as a 'distributed' plan with shard_weights 'on'; None when not even two GPUs suffice, or when
+    this PyTorch has no FSDP2."""
+    if fsdp2_missing():
+        return None
+    by_memory = sorted(gpus, key=usable_memory, reverse=True)
+    for world in range(len(gpus), 1, -1):
+        cfg_degree = 2 if work.cfg and work.items % 2 == 0 and world % 2 == 0 else 1
+        shards = world // cfg_degree
+        estimate = estimate_sharded_bytes(
+            footprint, footprint.activation_bytes(work.tokens, work.items // cfg_degree, shards), world)
+        chosen = by_memory[:world]
+        if all(estimate <= usable_memory(g) for g in chosen):
+            break
+    else:
+        return None
+    chosen = sorted(chosen, key=lambda g: g["index"])
+    ulysses, ring = sequence_parallel_degrees(shards, footprint.num_heads)
+    split = ["the cond and uncond branches on 2 groups of GPUs (cfg_degree 2)"] if cfg_degree > 1 else []
+    if shards > 1:
+        split.append(f"the {work.tokens} tokens over {shards} GPUs (ulysses {ulysses} x ring {ring})")
+    idle = len(gpus) - world
+    return _plan(footprint, "distributed", chosen, [estimate] * world, ulysses=ulysses, ring=ring,
+                 cfg_degree=cfg_degree, shard_weights="on",
+                 reason=f"{need}: a whole copy fits none of the GPUs, but 1/{world} of the weights does. {world} "
+                        f"worker processes each keep 1/{world} of every weight ({gib(footprint.weight_bytes / world)}) "
+                        f"and gather each block from the others just before it runs, the next block's gather "
+                        f"overlapping the current block's compute (FSDP2): {gib(estimate)} per GPU. They share every "
+                        f"step ({' and '.join(split)}), where block distribution would run the GPUs in turn; the "
+                        f"price is one gather of the weights per forward "
+                        f"({gib(footprint.weight_bytes * (world - 1) / world)} received by each GPU)."
+                        + (f" {idle} GPU{'s stay' if idle > 1 else ' stays'} idle: too little memory for a shard."
+                           if idle else "") + _interconnect_note(chosen))

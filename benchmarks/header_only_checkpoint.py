@@ -4,32 +4,19 @@ the header has every official key and shape; the data region is a hole that take
     python benchmarks/header_only_checkpoint.py 14B /tmp/wan2.1_t2v_14B_bf16.safetensors
 """
 import argparse
-import json
-import math
 import os
-import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: `python benchmarks/header_only_checkpoint.py` finds wanvideo
-from wanvideo.checkpoint import build_meta_model  # noqa: E402
+from wanvideo.tiny import make_header_only_checkpoint  # noqa: E402
 
 SIZES = {"1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
          "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)}
 
 
 def write(size, path, model_type="t2v"):
-    model = build_meta_model(dict(SIZES[size], model_type=model_type, in_dim=16 if model_type == "t2v" else 36))
-    header, offset = {}, 0
-    for key, tensor in model.state_dict().items():
-        nbytes = 2 * math.prod(tensor.shape)
-        header["model.diffusion_model." + key] = {"dtype": "BF16", "shape": list(tensor.shape),
-                                                  "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        f.truncate(8 + len(blob) + offset)
-    return path
+    config = dict(SIZES[size], model_type=model_type, in_dim=16 if model_type == "t2v" else 36)
+    return make_header_only_checkpoint(path, config, prefix="model.diffusion_model.")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Header inspection, prefixes, fp8 storage, and a clear error for every bad input."""
 import json
 import pickle
-import struct
 
 import pytest
 import torch
@@ -9,9 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import relative_error
 from wanvideo import CheckpointError, inspect_checkpoint, load_wan_model
-from wanvideo.checkpoint import build_meta_model
 from wanvideo.quantization import FP8Linear, quantize_weight
-from wanvideo.tiny import make_tiny_checkpoint
+from wanvideo.tiny import make_header_only_checkpoint, make_tiny_checkpoint
 
 
 def forward_once(model, model_type="t2v", seed=0):
@@ -42,21 +40,9 @@ def test_inspect_detects_variant_and_prefix(tmp_path, prefix, model_type):
 def test_real_size_configs_from_shapes_alone(tmp_path):
     """Without our metadata, the released sizes are recognised from tensor shapes (128 channels per head)."""
     for dim, ffn, heads, layers, name in [(1536, 8960, 12, 30, "1.3B"), (5120, 13824, 40, 40, "14B")]:
-        model = build_meta_model(dict(model_type="t2v", dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers,
-                                      in_dim=16, text_dim=4096, freq_dim=256, out_dim=16))
-        header = {k: {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [0, 0]}
-                  for k, v in model.state_dict().items()}
-        # a header-only file: every tensor at offset 0 with zero length is not valid, so lay them out
-        offset = 0
-        for entry in header.values():
-            size = 2 * int(torch.tensor(entry["shape"]).prod().item()) if entry["shape"] else 2
-            entry["data_offsets"] = [offset, offset + size]
-            offset += size
-        blob = json.dumps(header).encode()
-        path = tmp_path / f"wan_{name}.safetensors"
-        with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            f.truncate(8 + len(blob) + offset)  # sparse: the data takes no disk space
+        config = dict(model_type="t2v", dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers, in_dim=16,
+                      text_dim=4096, freq_dim=256, out_dim=16)
+        path = make_header_only_checkpoint(tmp_path / f"wan_{name}.safetensors", config)  # sparse: no data
         info = inspect_checkpoint(path)
         assert info.size_name == name and info.num_layers == layers
         assert info.config["num_heads"] == heads and info.config["ffn_dim"] == ffn

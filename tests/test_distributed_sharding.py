@@ -20,6 +20,7 @@ import torch.multiprocessing as torch_mp
 from safetensors.torch import save_file
 
 from conftest import relative_error
+from test_distributed import TOLERANCE, _inputs  # the same tiny inputs as the unsharded tests
 from test_plan import inventory, write_header_only_checkpoint
 from wanvideo.checkpoint import inspect_checkpoint, load_wan_model, read_safetensors_header
 from wanvideo.lora import apply_loras
@@ -34,19 +35,8 @@ from wanvideo.sampling.loop import Conditioning, sample_video
 from wanvideo.tiny import make_tiny_checkpoint
 
 CPU = torch.device("cpu")
-GRID = (3, 6, 10)   # 45 tokens: divides by neither 2 nor 4, so the shards are padded
-TOLERANCE = 1e-5
 BF16_TOLERANCE = 3e-2
 GIB = 2**30
-
-
-def _inputs(model_type, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, *GRID, generator=g)
-    clip_fea = torch.randn(1, 257, 1280, generator=g) if model_type == "i2v" else None
-    y = torch.randn(1, 20, *GRID, generator=g) if model_type == "i2v" else None
-    positive = Conditioning([torch.randn(7, 32, generator=g)], clip_fea, y)
-    return x, positive, Conditioning([torch.randn(5, 32, generator=g)])
 
 
 def _reference_velocity(model, x, t, positive, negative, cfg):

@@ -1,7 +1,6 @@
 """The planner on injected GPU inventories and real-size checkpoint headers (sparse files, no data)."""
 import json
 import math
-import struct
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from wanvideo import inspect_checkpoint
 from wanvideo.checkpoint import build_meta_model
 from wanvideo.modules.model import WanModel
 from wanvideo.parallel import plan
+from wanvideo.tiny import make_header_only_checkpoint
 from wanvideo.parallel.plan import (GIB, PLAN_KEYS, ModelFootprint, estimate_block_distribution_bytes,
                                     estimate_single_gpu_bytes, latent_token_count, plan_parallelism,
                                     sequence_parallel_degrees, usable_memory)
@@ -25,20 +25,7 @@ def write_header_only_checkpoint(path, model_type="t2v", **size):
     hole (sparse file): the header is real, the 28 GB of a 14B take no disk space."""
     config = dict(model_type=model_type, in_dim=16 if model_type == "t2v" else 36, text_dim=4096, freq_dim=256,
                   out_dim=16, **size)
-    with torch.device("meta"):
-        state = WanModel(**config).state_dict()
-    header, offset = {}, 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * 2
-        header[key] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        f.truncate(8 + len(blob) + offset)
-    return path
+    return make_header_only_checkpoint(path, config)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 independent implementation of Wan 2.2, with its own key conversion), per-token timesteps through
 every strategy, detection from the header, and the Wan22 latent format.
 """
-import json
-import struct
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from wanvideo.latent_format import (WAN21, WAN22, WAN22_LATENTS_MEAN, WAN22_LATE
 from wanvideo.modules.model import WanModel
 from wanvideo.parallel.block_distribution import distribute_model_blocks
 from wanvideo.parallel.data_parallel import DataParallelWan
-from wanvideo.tiny import make_tiny_checkpoint, make_tiny_expert_pair
+from wanvideo.tiny import make_header_only_checkpoint, make_tiny_checkpoint, make_tiny_expert_pair
 
 TEXT_TOKENS = 512
 CPU = torch.device("cpu")
@@ -258,20 +256,6 @@ def test_sequence_parallel_with_per_token_t(two_ranks, degrees):
 
 # --- detection from the header ---------------------------------------------------------------------------
 
-def header_only_checkpoint(path, **config):
-    """A safetensors file with the keys and shapes of a real-size model and no data (a sparse hole)."""
-    header, offset = {}, 0
-    for key, tensor in build_meta_model(config).state_dict().items():
-        nbytes = 2 * tensor.numel()
-        header[key] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        f.truncate(8 + len(blob) + offset)
-    return path
-
-
 A14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096, freq_dim=256)
 
 
@@ -296,7 +280,7 @@ A14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096,
      ("t2v", "2.1", None, "Wan 2.1 t2v 1.3B", 16, (4, 8, 8), 32)),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_real_size_variants_detected_from_the_header(tmp_path, file_name, config, expected):
-    info = inspect_checkpoint(header_only_checkpoint(tmp_path / file_name, **config))
+    info = inspect_checkpoint(make_header_only_checkpoint(tmp_path / file_name, config))
     model_type, family, expert, name, channels, stride, condition = expected
     assert (info.model_type, info.family, info.expert, info.model_name) == (model_type, family, expert, name)
     assert (info.latent_channels, info.vae_stride, info.condition_channels) == (channels, stride, condition)

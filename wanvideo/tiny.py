@@ -7,6 +7,7 @@ carries the config (`wan_config` metadata), since the head count of a toy model 
 tensor shapes the way it is for the released models (128 channels per head).
 """
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -70,3 +71,21 @@ def make_tiny_expert_pair(folder, model_type="t2v", seeds=(0, 1), **kwargs):
     return {expert: make_tiny_checkpoint(Path(folder) / f"wan2.2_tiny_{model_type}_{expert}.safetensors", model_type,
                                          seed=seed, **kwargs)
             for expert, seed in zip(("high_noise", "low_noise"), seeds)}
+
+
+def make_header_only_checkpoint(path, config, prefix=""):
+    """A bf16 safetensors file with the keys and shapes of a model of `config` (any size) and no
+    data: the header is real, the data region is a hole that takes no disk space (a sparse file).
+    For planning, inspection and CLI checks of real sizes without their weights."""
+    from .checkpoint import build_meta_model
+    header, offset = {}, 0
+    for key, tensor in build_meta_model(config).state_dict().items():
+        nbytes = 2 * tensor.numel()
+        header[prefix + key] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # keeps the data 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+    return path

@@ -202,14 +202,15 @@ def _before_run(pipeline, noise, sampler_args):
 class ProgressReporter:
     """ComfyUI's progress bar with latent previews; nothing outside ComfyUI (the loop's tqdm bar shows)."""
 
-    def __init__(self, total_steps):
+    def __init__(self, total_steps, latent_format="Wan21"):
+        """latent_format: the model's ComfyUI latent format name ('Wan21'; 'Wan22' for TI2V-5B), for previews."""
         self.bar = comfy_utils.ProgressBar(total_steps) if IN_COMFYUI else None
         self.previewer = None
         if IN_COMFYUI:
             try:
                 import latent_preview
-                from comfy.latent_formats import Wan21
-                self.previewer = latent_preview.get_previewer(main_device(), Wan21())
+                import comfy.latent_formats as latent_formats
+                self.previewer = latent_preview.get_previewer(main_device(), getattr(latent_formats, latent_format)())
             except Exception as error:  # previews are a nicety; never fail a run for them
                 logger.debug("No latent previews: %s", error)
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from . import comfy_host
-from .wanvideo.api import (CLIP_DIM, CLIP_TOKENS, LATENT_CHANNELS, SCHEDULERS, SPATIAL_COMPRESSION, Conditioning,
-                           ExpertPairPipeline, check_video_size, denormalize_latents, latent_frame_count, make_noise,
-                           normalize_latents)
+from .wanvideo.api import (CLIP_DIM, CLIP_TOKENS, LATENT_CHANNELS, SCHEDULERS, WAN21, Conditioning,
+                           ExpertPairPipeline, Inpaint, check_video_size, denormalize_latents,
+                           make_noise, normalize_latents)
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,27 @@ def _image_condition(extras, batch, frames, height, width):
     return y.expand(batch, -1, -1, -1, -1) if y.shape[0] == 1 else y
 
 
-def comfy_to_conditioning(conditioning, name, model_type, batch, latent_shape, text_dim=4096):
+def comfy_to_conditioning(conditioning, name, model_type, batch, latent_shape, text_dim=4096, image_embedding=None):
     """ComfyUI CONDITIONING -> one Conditioning branch for `batch` videos of latent shape (T, h, w);
-    text_dim: the model's text embedding width (4096, umT5-XXL, for every released Wan model)."""
+    text_dim: the model's text embedding width (4096, umT5-XXL, for every released Wan model).
+    model_type 't2v' and 'ti2v' (Wan 2.2 TI2V-5B: its image comes in the LATENT's noise_mask) take the
+    text only; image_embedding False (Wan 2.2 I2V-A14B: i2v without CLIP) builds y from
+    WanImageToVideo's concat_latent_image / concat_mask and ignores any clip_vision_output.
+    image_embedding None: the Wan 2.1 rule (i2v and flf2v have CLIP)."""
     text, extras = _conditioning_entry(conditioning, name, text_dim)
     context = [text[min(i, text.shape[0] - 1)].float() for i in range(batch)]
-    if model_type == "t2v":
+    if model_type in ("t2v", "ti2v"):
         return Conditioning(context=context)
+    if image_embedding is False:
+        if extras.get("concat_latent_image") is None:
+            if name == "negative":  # the loop gives it the positive's y
+                return Conditioning(context=context)
+            raise ValueError(f"The Wan 2.2 {model_type} model needs a start image in {name}: connect ComfyUI's "
+                             "WanImageToVideo (start_image; no CLIP vision needed) and its positive / negative "
+                             "outputs and latent to this sampler.")
+        if extras.get("clip_vision_output") is not None:
+            logger.debug("%s: clip_vision_output ignored (this model has no CLIP image embedding).", name)
+        return Conditioning(context=context, y=_image_condition(extras, batch, *latent_shape))
     vision = extras.get("clip_vision_output")
     if vision is None:
         if name == "negative":  # Wan guides on the text: the negative takes the positive's image conditioning
@@ -83,6 +97,22 @@ def comfy_to_conditioning(conditioning, name, model_type, batch, latent_shape, t
                          + "). Load clip_vision_h with CLIPVisionLoader.")
     clip_fea = clip_fea.expand(batch, -1, -1) if clip_fea.shape[0] == 1 else clip_fea
     return Conditioning(context=context, clip_fea=clip_fea, y=_image_condition(extras, batch, *latent_shape))
+
+
+def latent_mask(noise_mask, shape):
+    """A LATENT's noise_mask (1 = generate, 0 = keep; [B, 1, T, h, w] from Wan22ImageToVideoLatent, or an
+    image mask [B, H, W] / [B, 1, H, W]) -> [B or 1, 1, T, h, w] at the latent's size, resized
+    trilinearly as ComfyUI's comfy.utils.reshape_mask does."""
+    mask = noise_mask.float()
+    while mask.dim() < 5:  # [H, W] -> [1, H, W] -> [B, 1, H, W] -> [B, 1, 1, H, W]
+        mask = mask.unsqueeze(0) if mask.dim() < 3 else mask.unsqueeze(1)
+    if mask.shape[1] != 1:
+        mask = mask.mean(dim=1, keepdim=True)
+    if tuple(mask.shape[2:]) != tuple(shape[2:]):
+        mask = F.interpolate(mask, size=tuple(shape[2:]), mode="trilinear")
+    if mask.shape[0] not in (1, shape[0]):
+        raise ValueError(f"The latent's noise_mask has batch {mask.shape[0]}; its samples have {shape[0]}.")
+    return mask.clamp(0, 1)
 
 
 def expert_arguments(model, boundary, cfg_low_noise):
@@ -154,36 +184,47 @@ class WanMultiGPUSampler:
 
     def sample(self, model, positive, negative, width, height, num_frames, steps, cfg, shift, seed, scheduler,
                denoise, latent=None, boundary=0.0, cfg_low_noise=-1.0):
-        init_latent = None
+        init_latent = inpaint = None
         experts = expert_arguments(model, boundary, cfg_low_noise)
+        fmt = getattr(model.info, "latent_format", WAN21)  # Wan21 (16 channels, 8x) or Wan22 (48, 16x: TI2V-5B)
+        down = fmt.stride[1]
         if latent is not None:
             raw = latent["samples"].float()
-            if raw.dim() != 5 or raw.shape[1] != LATENT_CHANNELS:
-                raise ValueError(f"The latent has shape {tuple(raw.shape)}; Wan 2.1 latents are [B, 16, T, H/8, W/8].")
+            if raw.dim() != 5 or raw.shape[1] != fmt.channels:
+                raise ValueError(f"The latent has shape {tuple(raw.shape)}; this model ({fmt.name} latent format) "
+                                 f"takes [B, {fmt.channels}, T, H/{down}, W/{down}]"
+                                 + (": use Wan22ImageToVideoLatent with the wan2.2 VAE." if fmt.channels == 48 else
+                                    ": use EmptyHunyuanLatentVideo or WanImageToVideo with the Wan 2.1 VAE."))
             shape = tuple(raw.shape)
             if raw.shape[-1] % 2 or raw.shape[-2] % 2:
-                raise ValueError(f"The latent is {raw.shape[-1] * 8}x{raw.shape[-2] * 8} pixels; Wan needs width and "
-                                 "height that are multiples of 16. Resize the video or the empty latent.")
+                raise ValueError(f"The latent is {raw.shape[-1] * down}x{raw.shape[-2] * down} pixels; this model needs "
+                                 f"width and height that are multiples of {fmt.size_multiple}. Resize the video or "
+                                 "the empty latent.")
             if "noise_mask" in latent:
-                logger.warning("The latent's noise_mask (inpainting) is not supported and is ignored.")
+                if fmt.channels == 48:  # Wan22ImageToVideoLatent: 0 on the start image's latent frames
+                    inpaint = Inpaint(normalize_latents(raw, fmt), latent_mask(latent["noise_mask"], shape))
+                else:
+                    logger.warning("The latent's noise_mask (inpainting) is not supported and is ignored.")
             if denoise < 1.0:
                 if not raw.any():
                     raise ValueError("denoise is below 1 but the connected latent is empty: connect an encoded video "
                                      "(VAEEncode) or set denoise to 1.")
-                init_latent = normalize_latents(raw)
+                init_latent = normalize_latents(raw, fmt)
         else:
-            check_video_size(width, height, num_frames)  # the example's and the CLI's rule: no silent rounding
+            check_video_size(width, height, num_frames, fmt)  # the example's and the CLI's rule: no silent rounding
             if denoise < 1.0:
                 raise ValueError(f"denoise {denoise} needs a latent to start from: connect one, or set denoise to 1.")
-            shape = (1, LATENT_CHANNELS, latent_frame_count(num_frames), height // SPATIAL_COMPRESSION,
-                     width // SPATIAL_COMPRESSION)
+            shape = (1,) + fmt.latent_shape(num_frames, height, width)
         batch, latent_shape = shape[0], shape[2:]
         model_type, text_dim = model.info.model_type, model.info.config.get("text_dim", 4096)
-        pos = comfy_to_conditioning(positive, "positive", model_type, batch, latent_shape, text_dim)
-        neg = comfy_to_conditioning(negative, "negative", model_type, batch, latent_shape, text_dim) \
+        image_embedding = getattr(model.info, "image_embedding", None)
+        pos = comfy_to_conditioning(positive, "positive", model_type, batch, latent_shape, text_dim, image_embedding)
+        neg = comfy_to_conditioning(negative, "negative", model_type, batch, latent_shape, text_dim, image_embedding) \
             if cfg != 1.0 or experts.get("cfg_low_noise", 1.0) != 1.0 else None
         noise = make_noise(shape, seed)
-        progress = comfy_host.ProgressReporter(steps)
+        if inpaint is not None:
+            experts["inpaint"] = inpaint  # only then: the uniform run's arguments stay as they were
+        progress = comfy_host.ProgressReporter(steps, fmt.name)
         # No blanket unload here: the loader put the model under ComfyUI's memory management
         # (comfy_host.manage_memory), so generate makes just the room it needs and brings it back.
         result = model.generate(noise, pos, neg, steps=steps, cfg=cfg, shift=shift, scheduler=scheduler,
@@ -191,7 +232,7 @@ class WanMultiGPUSampler:
                                 callback=progress if progress.active else None,
                                 check_interrupt=comfy_host.check_interrupt, progress=True, **experts)
         out = dict(latent) if latent is not None else {}
-        out["samples"] = denormalize_latents(result.float().cpu())
+        out["samples"] = denormalize_latents(result.float().cpu(), fmt)
         out.pop("noise_mask", None)
         return (out,)
 

@@ -284,3 +284,95 @@ def test_reloading_unloads_the_previous_model(models_folder):
     (first,) = loader.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa")
     (second,) = loader.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa")
     assert first.denoiser is None and second.denoiser is not None
+
+
+# --- Wan 2.2: TI2V-5B (Wan22 latents, noise_mask image-to-video) and I2V-A14B (no CLIP) --------------
+
+@pytest.fixture()
+def wan22_folder(models_folder):
+    from wanvideo.tiny import make_tiny_expert_pair
+    make_tiny_checkpoint(models_folder / "wan2.2_tiny_ti2v_5B.safetensors", "ti2v", prefix="model.diffusion_model.",
+                         text_dim=4096)
+    make_tiny_expert_pair(models_folder, "i2v", prefix="model.diffusion_model.", text_dim=4096)
+    return models_folder
+
+
+def load_model(name, **kwargs):
+    loader = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUModelLoader"]()
+    return loader.load(name, "fp32", "disabled", "main_device", "sdpa", **kwargs)[0]
+
+
+def sample_node(pipeline, positive, negative, latent=None, width=64, height=32, num_frames=5, seed=7, cfg=5.0):
+    sampler = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]()
+    return sampler.sample(pipeline, positive, negative, width, height, num_frames, steps=3, cfg=cfg, shift=5.0,
+                          seed=seed, scheduler="unipc", denoise=1.0, latent=latent)[0]
+
+
+def wan22_image_latent(frames=2, height=2, width=4, seed=3):
+    """Wan22ImageToVideoLatent's LATENT for one start image: raw latents on the image's latent frame,
+    the Wan22 latents_mean elsewhere, noise_mask 0 on the image's frame."""
+    from wanvideo.latent_format import WAN22
+    samples = torch.tensor(WAN22.mean).view(1, 48, 1, 1, 1).repeat(1, 1, frames, height, width)
+    samples[:, :, 0] = torch.randn(1, 48, height, width, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(1, 1, frames, height, width)
+    mask[:, :, 0] = 0.0
+    return {"samples": samples, "noise_mask": mask}
+
+
+def test_ti2v_5B_text_to_video_uses_the_wan22_format(wan22_folder):
+    from wanvideo.latent_format import WAN22, denormalize_latents
+    pipeline = load_model("wan2.2_tiny_ti2v_5B.safetensors")
+    fmt = pipeline.info.latent_format  # of the pack's own copy of the library: another class, the same values
+    assert (fmt.name, fmt.channels, fmt.stride, fmt.size_multiple) == ("Wan22", 48, (4, 16, 16), 32)
+    out = sample_node(pipeline, text_conditioning(1), text_conditioning(2))
+    assert out["samples"].shape == (1, 48, 2, 2, 4) and torch.isfinite(out["samples"]).all()  # 64x32: 16x down
+    noise = PACKAGE.wanvideo.api.make_noise((1, 48, 2, 2, 4), 7)
+    cond = lambda seed: nodes_sampler.Conditioning(context=[text_conditioning(seed)[0][0][0]])
+    direct = pipeline.generate(noise, cond(1), cond(2), steps=3, cfg=5.0, shift=5.0, scheduler="unipc", progress=False)
+    assert relative_error(out["samples"], denormalize_latents(direct, WAN22)) <= 1e-6
+    with pytest.raises(ValueError, match=r"width=48 is not valid: give a positive multiple of 32"):
+        sample_node(pipeline, text_conditioning(1), text_conditioning(2), width=48)
+    with pytest.raises(ValueError, match=r"takes \[B, 48, T, H/16, W/16\].*Wan22ImageToVideoLatent"):
+        sample_node(pipeline, text_conditioning(1), text_conditioning(2), latent={"samples": torch.zeros(1, 16, 2, 4, 6)})
+
+
+def test_ti2v_5B_image_to_video_from_wan22_image_to_video_latent(wan22_folder):
+    from wanvideo.latent_format import WAN22, denormalize_latents, normalize_latents as normalize
+    pipeline = load_model("wan2.2_tiny_ti2v_5B.safetensors")
+    latent = wan22_image_latent()
+    out = sample_node(pipeline, text_conditioning(1), text_conditioning(2), latent=latent)
+    assert "noise_mask" not in out and out["samples"].shape == (1, 48, 2, 2, 4)
+    # the start image's latent frame comes back as it went in; the rest is generated
+    assert torch.allclose(out["samples"][:, :, 0], latent["samples"][:, :, 0], atol=1e-5)
+    assert not torch.allclose(out["samples"][:, :, 1], latent["samples"][:, :, 1], atol=1e-2)
+    # the same as the loop with Inpaint(normalised latent, mask)
+    noise = PACKAGE.wanvideo.api.make_noise((1, 48, 2, 2, 4), 7)
+    cond = lambda seed: nodes_sampler.Conditioning(context=[text_conditioning(seed)[0][0][0]])
+    inpaint = nodes_sampler.Inpaint(normalize(latent["samples"], WAN22), latent["noise_mask"])
+    direct = pipeline.generate(noise, cond(1), cond(2), steps=3, cfg=5.0, shift=5.0, scheduler="unipc",
+                               progress=False, inpaint=inpaint)
+    assert relative_error(out["samples"], denormalize_latents(direct, WAN22)) <= 1e-6
+    plain = sample_node(pipeline, text_conditioning(1), text_conditioning(2), latent={"samples": latent["samples"]})
+    assert not torch.allclose(plain["samples"], out["samples"])  # the mask changed the run
+
+
+def test_a14b_i2v_pair_from_native_wan_image_to_video_without_clip(wan22_folder):
+    pipeline = load_model("wan2.2_tiny_i2v_high_noise.safetensors",
+                          low_noise_model="wan2.2_tiny_i2v_low_noise.safetensors")
+    assert pipeline.info.image_embedding is False and pipeline.info.latent_format.name == "Wan21"
+    extras = image_to_video_extras(frames=2)
+    del extras["clip_vision_output"]  # the official template leaves it unconnected
+    latent = {"samples": torch.zeros(1, 16, 2, 4, 6)}
+    run = lambda extras, seed=7: sample_node(pipeline, text_conditioning(1, extras=extras),
+                                             text_conditioning(2, extras=extras), latent=latent, seed=seed)["samples"]
+    first = run(extras)
+    assert first.shape == (1, 16, 2, 4, 6) and torch.isfinite(first).all()
+    assert torch.equal(run(extras), first)
+    assert torch.equal(run(dict(extras, clip_vision_output=ClipVisionOutput(0))), first)  # ignored: no CLIP branch
+    other_image = dict(extras, concat_latent_image=extras["concat_latent_image"] + 1)
+    assert not torch.allclose(run(other_image), first)  # y reaches the model
+    cond = nodes_sampler.comfy_to_conditioning(text_conditioning(0, extras=extras), "positive", "i2v", 1, (2, 4, 6),
+                                               image_embedding=False)
+    assert cond.clip_fea is None and cond.y.shape == (1, 20, 2, 4, 6)
+    with pytest.raises(ValueError, match="WanImageToVideo"):
+        run({})

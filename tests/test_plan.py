@@ -265,8 +265,46 @@ def test_sequence_parallel_uses_only_as_many_gpus_as_the_tokens_justify(real_siz
 
 
 def test_gpus_without_peer_access_are_named_in_the_reason(real_size):
-    config = plan_parallelism(real_size["14B"], inventory(*[80] * 8, peers=False))
+    # one item: no data parallel to fall back to, so sequence parallel still, with the link named
+    config = plan_parallelism(real_size["14B"], inventory(*[80] * 8, peers=False), cfg=False)
     assert config["parallelism_type"] == "distributed" and "host memory" in config["reason"]
+    assert "without peer access" in config["reason"]
+
+
+def test_pcie_without_peer_access_prefers_data_parallel_over_wide_ulysses(real_size):
+    """Issue 13 item 3: the same 8 GPUs with NVLink/P2P run sequence parallel on all 8; over PCIe
+    without peer access the CFG branches go data parallel on 2 (no exchange inside a step)."""
+    linked = plan_parallelism(real_size["14B"], inventory(*[80] * 8))
+    assert linked["parallelism_type"] == "distributed" and len(linked["gpu_ids"]) == 8
+    gpus = inventory(*[80] * 8, peers=False)
+    for gpu in gpus:
+        gpu.update(pcie_generation=4, pcie_width=16, nvlink_peers=[])
+    config = plan_parallelism(real_size["14B"], gpus)
+    assert config["parallelism_type"] == "data_parallel" and len(config["gpu_ids"]) == 2
+    assert "PCIe Gen4 x16 without peer access" in config["reason"]
+    assert "all-to-all in every block" in config["reason"] and "host memory" in config["reason"]
+
+
+def test_no_nccl_keeps_auto_in_process_and_says_why(real_size, monkeypatch):
+    """Issue 13 item 4 (Windows): CUDA without NCCL: 'auto' does not pick distributed."""
+    import torch.distributed
+    assert plan_parallelism(real_size["1.3B"], inventory(*[80] * 8), cfg=False)["parallelism_type"] == "distributed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    config = plan_parallelism(real_size["1.3B"], inventory(*[80] * 8), cfg=False)
+    assert config["parallelism_type"] != "distributed"
+    assert "no NCCL" in config["reason"] and "data_parallel, block_distribution and expert_parallel" in config["reason"]
+
+
+def test_distributed_refuses_gpus_without_nccl(monkeypatch):
+    import torch.distributed
+    from wanvideo.parallel.distributed.workers import _as_devices
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="NCCL.*data_parallel.*block_distribution.*expert_parallel"):
+        _as_devices(["cuda:0", "cuda:1"])
+    assert _as_devices(["cpu", "cpu"]) == [torch.device("cpu")] * 2   # gloo on CPU still works
 
 
 def test_no_gpu_plans_for_the_cpu(real_size):

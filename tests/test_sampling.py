@@ -409,3 +409,107 @@ def test_tiny_model_end_to_end(tmp_path, model_type):
     assert first.shape == shape and first.dtype == torch.float32 and torch.isfinite(first).all()
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert rel_err(run(11, batch_cfg=True), first) <= 1e-5  # padded text of unequal lengths in one batch
+
+
+# --- inpainting (Wan 2.2 TI2V-5B image-to-video) -------------------------------------------------
+
+class Recorder(nn.Module):
+    """Wraps a model and records the x and t of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+        self.patch_size = model.patch_size
+
+    def forward(self, x, t, context, **kwargs):
+        self.calls.append({"x": torch.stack(x).clone(), "t": t.clone()})
+        return self.model(x, t, context, **kwargs)
+
+
+def tiny_ti2v(tmp_path):
+    from wanvideo.checkpoint import load_wan_model
+    from wanvideo.tiny import make_tiny_checkpoint
+    path, config, _ = make_tiny_checkpoint(tmp_path / "ti2v.safetensors", "ti2v")
+    return load_wan_model(path, base_precision="fp32"), config
+
+
+def first_frame_mask(batch, frames, h, w):
+    """Wan22ImageToVideoLatent's mask: 0 (keep) on the first latent frame, 1 (generate) after; here
+    also half of frame 1 kept, so a frame's mean is a fraction."""
+    mask = torch.ones(batch, 1, frames, h, w)
+    mask[:, :, 0] = 0.0
+    mask[:, :, 1, :, : w // 2] = 0.0
+    return mask
+
+
+def test_inpaint_token_timesteps_and_blend_equal_a_direct_computation(tmp_path):
+    model, config = tiny_ti2v(tmp_path)
+    recorder = Recorder(model)
+    shape = (1, 48, 3, 4, 4)
+    noise = make_noise(shape, 3)
+    x0_img = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    mask = first_frame_mask(1, 3, 4, 4)
+    pos, _ = make_conds(1, text_dim=config["text_dim"])
+    steps, shift = 3, 5.0
+    out = sample_video(recorder, noise, pos, None, steps=steps, cfg=1.0, shift=shift, scheduler="euler",
+                       inpaint=(x0_img, mask), progress=False)
+
+    # the same run by hand: ComfyUI's KSamplerX0Inpaint blend, WAN22.process_timestep, Euler
+    sigmas = flow_sigmas(steps, shift)
+    x, tokens_per_frame = noise.clone(), (4 // 2) * (4 // 2)
+    frame_means = torch.tensor([[0.0, 0.5, 1.0]])
+    for i in range(steps):
+        sigma = sigmas[i].item()
+        x = x * mask + x0_img * (1 - mask)
+        t = (sigma * 1000 * frame_means.double()).repeat_interleave(tokens_per_frame, dim=1).float()
+        call = recorder.calls[i]
+        assert call["t"].shape == (1, 3 * tokens_per_frame) and torch.equal(call["t"], t)
+        assert torch.equal(call["x"], x) if i == 0 else rel_err(call["x"], x) <= 1e-6
+        assert torch.equal(call["x"][mask.expand_as(x) == 0], x0_img[mask.expand_as(x) == 0])  # kept: clean
+        assert call["t"][0, 0] == 0 and call["t"][0, -1] == torch.tensor(sigma * 1000, dtype=torch.float32)
+        velocity = torch.stack(model(list(x), t, pos.context, seq_len=3 * tokens_per_frame))
+        x0 = (x - sigma * velocity) * mask + x0_img * (1 - mask)
+        x = x + (sigmas[i + 1].item() - sigma) * (x - x0) / sigma
+    x = x * mask + x0_img * (1 - mask)
+    assert rel_err(out, x) <= 1e-5
+    kept = mask == 0
+    assert torch.equal(out.expand_as(noise)[kept.expand_as(noise)], x0_img[kept.expand_as(noise)])
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "euler"])
+def test_inpaint_with_a_mask_of_ones_is_plain_sampling_bit_for_bit(tmp_path, scheduler):
+    model, config = tiny_ti2v(tmp_path)
+    shape = (2, 48, 2, 4, 4)
+    pos, neg = make_conds(2, text_dim=config["text_dim"])
+    noise = make_noise(shape, 5)
+    plain = sample_video(model, noise, pos, neg, steps=3, cfg=4.0, scheduler=scheduler, progress=False)
+    recorder = Recorder(model)
+    masked = sample_video(recorder, noise, pos, neg, steps=3, cfg=4.0, scheduler=scheduler, progress=False,
+                          inpaint=(torch.randn(1, 48, 2, 4, 4), torch.ones(1, 1, 2, 4, 4)))
+    assert torch.equal(masked, plain)
+    assert all(call["t"].dim() == 1 for call in recorder.calls)  # the uniform call, not per-token
+
+
+def test_inpaint_batched_cfg_and_unipc_keep_the_image(tmp_path):
+    model, config = tiny_ti2v(tmp_path)
+    shape = (2, 48, 3, 4, 4)
+    pos, neg = make_conds(2, text_dim=config["text_dim"])
+    x0_img = torch.randn(1, 48, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    mask = first_frame_mask(1, 3, 4, 4)
+    run = lambda **kw: sample_video(model, make_noise(shape, 7), pos, neg, steps=3, cfg=4.0, progress=False,
+                                    inpaint=(x0_img, mask), **kw)
+    first = run()
+    assert rel_err(run(batch_cfg=True), first) <= 1e-5
+    assert torch.equal(first[:, :, 0], x0_img[:, :, 0].expand(2, -1, -1, -1))
+    assert torch.isfinite(first).all() and not torch.equal(first[:, :, 2], first[:, :, 2] * 0)
+
+
+@pytest.mark.parametrize("inpaint,match", [
+    ((torch.zeros(1, 16, 3, 4, 6), torch.ones(1, 1, 3, 4, 6)), r"inpaint.latent has shape \(1, 16, 3, 4, 6\)"),
+    ((torch.zeros(1, 48, 3, 4, 6), torch.ones(1, 1, 2, 4, 6)), r"inpaint.mask has shape"),
+])
+def test_inpaint_refuses_shapes_that_do_not_fit(inpaint, match):
+    noise = make_noise((1, 48, 3, 4, 6), 0)
+    pos, _ = make_conds(1)
+    with pytest.raises(ValueError, match=match):
+        check_inputs(noise, pos, None, cfg=1.0, inpaint=inpaint)

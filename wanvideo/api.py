@@ -13,8 +13,9 @@ from .engine import BlockSwapSettings
 from .engine.compile import COMPILE_MODES
 from .gpus import monitor_memory_usage, print_gpu_status, validate_gpu_setup
 from .devices import check_devices_available, parse_gpu_ids
-from .latent_format import (LATENT_CHANNELS, SPATIAL_COMPRESSION, check_video_size, denormalize_latents,
-                            latent_frame_count, normalize_latents, save_comfy_latent, save_preview_animation)
+from .latent_format import (LATENT_CHANNELS, SPATIAL_COMPRESSION, WAN21, LatentFormat, check_video_size,
+                            denormalize_latents, latent_format_for, latent_frame_count, normalize_latents,
+                            save_comfy_latent, save_preview_animation)
 from .modules.attention import available_backends
 from .modules.model import CLIP_DIM, CLIP_TOKENS
 from .parallel import PARALLELISM_TYPES, load_parallel_pipeline
@@ -23,7 +24,7 @@ from .parallel.plan import activation_reserve_bytes
 from .parallel.distributed.sharding import SHARD_WEIGHTS_CHOICES
 from .pipeline import LoadSettings, WanPipeline, load_pipeline
 from .quantization import QUANTIZATION_MODES
-from .sampling import SCHEDULERS, Conditioning, make_noise
+from .sampling import SCHEDULERS, Conditioning, Inpaint, make_noise
 from .sampling.loop import check_inputs
 from .tiny import make_tiny_checkpoint
 
@@ -31,11 +32,13 @@ BASE_PRECISIONS = tuple(BASE_DTYPES)                  # 'fp32', 'bf16', 'fp16'
 PARALLELISM_CHOICES = ("auto",) + PARALLELISM_TYPES   # what the Multi-GPU loader offers
 ATTENTION_MODES = available_backends                  # a function: the backends installed here
 
-__all__ = ["load", "LoadSettings", "BlockSwapSettings", "WanPipeline", "Conditioning", "make_noise", "SCHEDULERS",
+__all__ = ["load", "LoadSettings", "BlockSwapSettings", "WanPipeline", "Conditioning", "Inpaint", "make_noise",
+           "SCHEDULERS",
            "QUANTIZATION_MODES", "BASE_PRECISIONS", "PARALLELISM_CHOICES", "SHARD_WEIGHTS_CHOICES", "ATTENTION_MODES",
            "COMPILE_MODES",
            "CLIP_DIM", "CLIP_TOKENS", "LATENT_CHANNELS", "SPATIAL_COMPRESSION", "normalize_latents",
-           "denormalize_latents", "latent_frame_count", "save_preview_animation", "save_comfy_latent",
+           "denormalize_latents", "latent_frame_count", "WAN21", "LatentFormat", "latent_format_for",
+           "save_preview_animation", "save_comfy_latent",
            "check_video_size", "check_inputs", "check_devices_available", "parse_gpu_ids",
            "inspect_checkpoint",
            "CheckpointError", "make_tiny_checkpoint", "validate_gpu_setup", "print_gpu_status",

@@ -143,15 +143,18 @@ def _nearest(value, step, offset=0):
     return f" ({low} or {low + step} are near)" if low >= 1 else f" ({low + step} is near)"
 
 
-def check_video_size(width, height, num_frames):
+def check_video_size(width, height, num_frames, latent_format=None):
     """Raise ValueError naming the value when a video size does not map onto whole latent patches:
-    width and height positive multiples of 16 pixels, num_frames 4n + 1 (1, 5, ..., 81). The one
-    pixel-size check of the example, the CLI, the benchmark and the sampler node."""
+    width and height positive multiples of the format's size_multiple (16 pixels for Wan 2.1's VAE,
+    32 for Wan 2.2's), num_frames 4n + 1 (1, 5, ..., 81). The one pixel-size check of the example,
+    the CLI, the benchmark and the sampler node. latent_format: as latent_format_for (None: Wan 2.1)."""
+    multiple = latent_format_for(latent_format).size_multiple
     for name, value in (("width", width), ("height", height)):
-        if not _is_count(value) or value % VIDEO_SIZE_MULTIPLE:
-            near = _nearest(value, VIDEO_SIZE_MULTIPLE) if _is_count(value) else ""
-            raise ValueError(f"{name}={value!r} is not valid: give a positive multiple of {VIDEO_SIZE_MULTIPLE} "
-                             f"pixels, such as 64 or 832{near}.")
+        if not _is_count(value) or value % multiple:
+            near = _nearest(value, multiple) if _is_count(value) else ""
+            example = "64 or 832" if multiple == VIDEO_SIZE_MULTIPLE else "704 or 1280"
+            raise ValueError(f"{name}={value!r} is not valid: give a positive multiple of {multiple} "
+                             f"pixels, such as {example}{near}.")
     if not _is_count(num_frames) or (num_frames - 1) % TEMPORAL_COMPRESSION:
         near = _nearest(num_frames, TEMPORAL_COMPRESSION, 1) if _is_count(num_frames) else ""
         raise ValueError(f"num_frames={num_frames!r} is not valid: give 4n + 1 frames (1, 5, 9, ..., 81){near}; "

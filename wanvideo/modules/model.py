@@ -13,7 +13,9 @@ through the seams it offers on purpose:
     sequence parallelism replaces with a distributed version of the same signature;
   - `model.block_runner(blocks, tokens, ctx)`: runs the blocks between the point where tokens
     enter (after patch embedding) and where they leave (before the head); strategies that split
-    tokens or pipeline micro-batches install their own runner;
+    tokens or pipeline micro-batches install their own runner. A runner that returns only its
+    share of the tokens also offers `run_head(head, tokens, e, e_rows)`, which runs the head on
+    that share and gathers the head's output (far smaller than the hidden states);
   - the batch: `model.prefers_batched_cfg` tells the sampler to send CFG's cond and uncond as one
     batch (strategies that split or pipeline the batch set it).
 """
@@ -393,7 +395,9 @@ class WanModel(nn.Module):
     def unembed(self, tokens, e, grid_sizes, e_rows=None):
         """Tokens [B, L, dim] -> list of [out_dim, F, H, W] float32 latents; e and e_rows as embed
         gives them (e_rows: the BlockContext's e0_rows, for a per-token t)."""
-        out = self.head(tokens, e.to(tokens.device), None if e_rows is None else e_rows.to(tokens.device))
+        e, e_rows = e.to(tokens.device), None if e_rows is None else e_rows.to(tokens.device)
+        run_head = getattr(self.block_runner, "run_head", None)  # the seam of runners that shard the tokens
+        out = self.head(tokens, e, e_rows) if run_head is None else run_head(self.head, tokens, e, e_rows)
         pf, ph, pw = self.patch_size
         videos = []
         for u, (f, h, w) in zip(out, grid_sizes):

@@ -5,7 +5,8 @@ branches (CFG's cond and uncond, batch items), each device's stage processes the
 in a pipeline (GPipe order): while device 1 runs branch 0 through its blocks, device 0 already runs
 branch 1 through its own, so two devices are busy at once instead of taking turns.
 A stage may also keep some of its blocks in pinned CPU memory (block swap), for models too large
-even for all devices together.
+even for all devices together; such a stage runs the branches as one batch, so each swapped block
+is uploaded once per step, not once per branch.
 """
 import logging
 
@@ -62,10 +63,14 @@ class PipelinedBlockRunner:
 
     With `pipeline` on and more than one branch in the batch, branches go through the stages as
     micro-batches in GPipe order; otherwise the whole batch goes stage after stage.
+    swapped_stages: indices of the stages with block swap. Such a stage waits until every
+    micro-batch has reached it and runs them as one batch, so each of its swapped blocks is
+    uploaded once per step (per micro-batch it would be uploaded once for each branch); the other
+    stages keep pipelining.
     """
 
-    def __init__(self, stages, pipeline=True):
-        self.stages, self.pipeline = stages, pipeline
+    def __init__(self, stages, pipeline=True, swapped_stages=()):
+        self.stages, self.pipeline, self.swapped_stages = stages, pipeline, frozenset(swapped_stages)
 
     def __call__(self, blocks, tokens, ctx):
         micro_batches = tokens.shape[0] if self.pipeline and len(self.stages) > 1 else 1
@@ -74,17 +79,26 @@ class PipelinedBlockRunner:
         bounds = [slice(i, i + 1) for i in range(micro_batches)]
         contexts = {}  # (micro-batch, device) -> context moved there once per forward
         states = [tokens[b] for b in bounds]
-        # tick k: stage s processes micro-batch k - s; later stages first, so each device's queue
-        # receives its work as early as the data dependencies allow
-        for tick in range(micro_batches + len(self.stages) - 1):
+        done = [0] * len(self.stages)  # micro-batches each stage has finished
+        # each tick, stage s takes the next micro-batch that stage s - 1 finished in an earlier tick
+        # (GPipe order: tick k runs micro-batch k - s on stage s); later stages first, so each
+        # device's queue receives its work as early as the data dependencies allow
+        while done[-1] < micro_batches:
             for s in reversed(range(len(self.stages))):
-                m = tick - s
-                if 0 <= m < micro_batches:
-                    stage = self.stages[s]
+                stage, ready = self.stages[s], micro_batches if s == 0 else done[s - 1]
+                if s in self.swapped_stages:  # all micro-batches at once: one upload per swapped block
+                    if ready == micro_batches and done[s] == 0:
+                        batch = torch.cat([_hop(state, stage.device) for state in states])
+                        states = list(self._run_stage(stage, batch, ctx.to(stage.device, non_blocking=True))
+                                      .split(1))
+                        done[s] = micro_batches
+                elif done[s] < ready:
+                    m = done[s]
                     key = (m, stage.device)
                     if key not in contexts:
                         contexts[key] = ctx.select(bounds[m]).to(stage.device, non_blocking=True)
                     states[m] = self._run_stage(stage, _hop(states[m], stage.device), contexts[key])
+                    done[s] += 1
         return torch.cat(states)
 
     def _run_stages_in_turn(self, tokens, ctx):
@@ -161,7 +175,7 @@ def distribute_model_blocks(model, devices, blocks_per_device=None, pipeline=Tru
             stage.to(device)
         stages.append(stage)
         start += count
-    model.block_runner = PipelinedBlockRunner(stages, pipeline)
+    model.block_runner = PipelinedBlockRunner(stages, pipeline, swapped_stages=swappers)
     distribution = BlockDistribution(model, stages, swappers, pipeline)
     logger.info("%s", distribution.describe())
     return distribution

@@ -39,6 +39,8 @@ The estimate is 1.01-1.16x the reserved figure and 1.4-1.5x the live peak.
 import logging
 import math
 
+import torch
+
 from ..checkpoint import BASE_DTYPES
 from ..quantization import QUANTIZATION_MODES
 from .block_distribution import blocks_per_device_by_memory
@@ -215,14 +217,26 @@ def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_prec
     plan = _choose_plan(info, gpus, width, height, num_frames, base_precision, quantization, cfg, batch_size,
                         shard_weights=shard_weights)
     asked = " and ".join(name for name, on in (("block swap", block_swap), ("torch.compile", torch_compile)) if on)
-    if not asked or plan["parallelism_type"] != "distributed":
+    if plan["parallelism_type"] != "distributed" or not (asked or not nccl_available()):
         return plan
     in_process = _choose_plan(info, gpus, width, height, num_frames, base_precision, quantization, cfg, batch_size,
                               worker_processes=False)
+    why = (f"its worker processes do not combine with {asked}, which the loader asks for: disconnect that input to "
+           "use it" if asked else NO_NCCL)
     in_process["reason"] += (f" (The distributed strategy, sequence parallel on {len(plan['gpu_ids'])} GPUs, would "
-                             f"be faster, but its worker processes do not combine with {asked}, which the loader "
-                             "asks for: disconnect that input to use it.)")
+                             f"be faster, but {why}.)")
     return in_process
+
+
+NO_NCCL = ("this PyTorch has no NCCL (as on Windows), which its worker processes need to join GPUs; "
+           "data_parallel, block_distribution and expert_parallel run in one process and need none")
+
+
+def nccl_available():
+    """False where CUDA is there but NCCL is not (Windows builds of PyTorch): no distributed on GPUs."""
+    if not torch.cuda.is_available():
+        return True  # no GPU here: plans are for an injected inventory (tests, --gpus); nothing to refuse
+    return torch.distributed.is_available() and torch.distributed.is_nccl_available()
 
 
 def _choose_plan(info, gpus, width, height, num_frames, base_precision, quantization, cfg, batch_size,
@@ -400,10 +414,43 @@ def _plan_replicated(footprint, work, gpus, need, worker_processes=True):
                     best = (cfg_degree, shards, fit[:cfg_degree * shards], weights_and_reserve + activation)
                 break
     if best and worker_processes and (data_parallel is None or best[0] * best[1] > len(data_parallel[0])):
-        return _distributed_plan(footprint, work, gpus, need, *best)
+        slow_link = _without_peer_access(best[2])
+        if data_parallel is None or slow_link is None:
+            return _distributed_plan(footprint, work, gpus, need, *best)
+        # Over PCIe without peer access every block's all-to-all goes through host memory: the data
+        # parallel plan (no exchange inside a step) on fewer GPUs is the safer choice.
+        plan = _data_parallel_plan(footprint, work, gpus, need, *data_parallel)
+        traffic = _sequence_parallel_traffic_bytes(footprint, work, *best[:2])
+        plan["reason"] += (f" Sequence parallelism on {best[0] * best[1]} GPUs was not chosen: {slow_link}, so its "
+                           f"all-to-all in every block (about {gib(traffic)} per GPU and step) would go through "
+                           "host memory, while data parallel (and CFG parallel) exchange nothing inside a step. "
+                           "Choose 'distributed' yourself to try it anyway.")
+        return plan
     if data_parallel:
         return _data_parallel_plan(footprint, work, gpus, need, *data_parallel)
     return None
+
+
+def _without_peer_access(chosen):
+    """None when the inventory shows a direct path (NVLink or PCIe P2P) between all of `chosen`, or
+    does not say; else the link in words, naming the GPUs and their PCIe link."""
+    if not all("peers" in g for g in chosen):
+        return None
+    ids = {g["index"] for g in chosen}
+    cut = sorted(g["index"] for g in chosen if not ids - {g["index"]} <= set(g["peers"]))
+    if not cut:
+        return None
+    pcie = sorted({f"PCIe Gen{g['pcie_generation']} x{g.get('pcie_width') or '?'}" for g in chosen
+                   if g.get("pcie_generation")})
+    return (f"GPUs {', '.join(map(str, cut))} reach the others over {' / '.join(pcie) or 'PCIe'} without peer "
+            "access (no NVLink, no P2P)")
+
+
+def _sequence_parallel_traffic_bytes(footprint, work, cfg_degree, shards):
+    """Bytes one GPU sends per step under Ulysses: per block q, k, v out and the output back (4 x its
+    token shard x dim x (shards - 1) / shards), 2 bytes a number."""
+    shard_tokens = work.tokens * (work.items // cfg_degree) / shards
+    return footprint.num_layers * 4 * shard_tokens * footprint.dim * 2 * (shards - 1) / shards
 
 
 def _data_parallel_plan(footprint, work, gpus, need, chosen, items_per_gpu, estimate):
@@ -446,10 +493,8 @@ def _distributed_plan(footprint, work, gpus, need, cfg_degree, shards, chosen, e
 
 def _interconnect_note(chosen):
     """A warning when the inventory says the chosen GPUs cannot reach each other directly."""
-    if not all("peers" in g for g in chosen):
+    slow_link = _without_peer_access(chosen)
+    if slow_link is None:
         return ""
-    ids = {g["index"] for g in chosen}
-    if all(ids - {g["index"]} <= set(g["peers"]) for g in chosen):
-        return ""
-    return (" The inventory shows no direct P2P/NVLink path between some of these GPUs, so the exchange goes "
-            "through host memory and the speed-up will be smaller.")
+    return (f" The inventory shows no direct P2P/NVLink path between some of these GPUs ({slow_link}), so the "
+            "exchange goes through host memory and the speed-up will be smaller.")

@@ -20,7 +20,7 @@ from .schedulers import NUM_TRAIN_TIMESTEPS, SCHEDULERS, flow_sigmas, make_sched
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Conditioning", "check_inputs", "make_noise", "sample_video"]
+__all__ = ["Conditioning", "Inpaint", "check_inputs", "make_noise", "sample_video", "token_timesteps"]
 
 
 @dataclass
@@ -35,6 +35,51 @@ class Conditioning:
     context: List[torch.Tensor]
     clip_fea: Optional[torch.Tensor] = None
     y: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Inpaint:
+    """Keep part of the video fixed while the rest is generated (Wan 2.2 TI2V-5B image-to-video:
+    ComfyUI's Wan22ImageToVideoLatent LATENT with its noise_mask; diffusers' expand_timesteps).
+
+    latent: [B or 1, C, F, H, W] the clean latents to keep (model space, like the noise)
+    mask:   [B or 1, 1 or C, F, H, W] 1 = generate, 0 = keep (fractions blend)
+    Before every model call the state becomes x * mask + latent * (1 - mask), and the model gets a
+    timestep per token: sigma * 1000 * the mean of the mask over the token's latent frame (ComfyUI's
+    WAN22.process_timestep); after the last step the kept region is `latent`.
+    """
+    latent: torch.Tensor
+    mask: torch.Tensor
+
+
+def _check_inpaint(inpaint, batch, channels, frame_shape):
+    """An Inpaint (or a (latent, mask) pair) that fits the noise -> Inpaint, else a clear error."""
+    if inpaint is None:
+        return None
+    if isinstance(inpaint, (tuple, list)) and len(inpaint) == 2:
+        inpaint = Inpaint(*inpaint)
+    if not isinstance(inpaint, Inpaint):
+        raise TypeError(f"inpaint must be an Inpaint(latent, mask) or a (latent, mask) pair; got {type(inpaint).__name__}.")
+    for name, tensor, widths in (("latent", inpaint.latent, (channels,)), ("mask", inpaint.mask, (1, channels))):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 5 or tensor.shape[0] not in (1, batch) \
+                or tensor.shape[1] not in widths or tuple(tensor.shape[2:]) != frame_shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"inpaint.{name} has shape {shape}; it must be [{batch} or 1, "
+                             f"{' or '.join(map(str, widths))}, {', '.join(map(str, frame_shape))}] like the noise.")
+    return inpaint
+
+
+def token_timesteps(sigma, mask, patch_size=(1, 2, 2)):
+    """The per-token timesteps [B, L] float32 of a step at `sigma` under an inpainting mask
+    [B, C, F, H, W] (1 = generate): ComfyUI's WAN22.process_timestep, t_frame[b, f] = sigma * 1000 *
+    mean(mask[b, :, f]), given to every token of latent frame f (tokens in F, H, W order of the patch
+    grid; a temporal patch of several frames takes their mean)."""
+    mask = mask.double()
+    frames = mask.mean(dim=(1, 3, 4))                                     # [B, F]
+    pf, ph, pw = patch_size
+    frames = frames.unflatten(1, (-1, pf)).mean(dim=2)                    # [B, F / pf]
+    per_frame = (mask.shape[3] // ph) * (mask.shape[4] // pw)
+    return (sigma * NUM_TRAIN_TIMESTEPS * frames).repeat_interleave(per_frame, dim=1).float()
 
 
 def make_noise(shape, seed, device="cpu"):
@@ -103,21 +148,26 @@ def _join_branches(branches):
     return context, clip_fea, y
 
 
-def _velocity(model, x, sigma, branches, seq_len):
-    """One model call for x [B, 16, F, H, W] under each branch in turn -> [len(branches) * B, 16, F, H, W]."""
+def _velocity(model, x, sigma, branches, seq_len, t_tokens=None):
+    """One model call for x [B, 16, F, H, W] under each branch in turn -> [len(branches) * B, 16, F, H, W].
+    t_tokens: per-token timesteps [B, seq_len] (inpainting) instead of sigma * 1000 for every token."""
     context, clip_fea, y = _join_branches(branches)
     copies = len(branches)
-    t = torch.full((copies * x.shape[0],), sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32, device=x.device)
+    if t_tokens is None:
+        t = torch.full((copies * x.shape[0],), sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32, device=x.device)
+    else:
+        t = t_tokens.to(x.device).repeat(copies, 1)
     out = model(list(x) * copies, t, context, seq_len=seq_len, clip_fea=clip_fea, y=y)
     return torch.stack([o.to(x.device, torch.float32) for o in out])
 
 
 def check_inputs(noise, positive, negative=None, cfg=5.0, denoise=1.0, init_latent=None, patch_size=(1, 2, 2),
-                 steps=None, shift=None, scheduler=None, text_dim=None):
+                 steps=None, shift=None, scheduler=None, text_dim=None, inpaint=None):
     """Every error sample_video would raise about its inputs, without running anything: the one
     input check of the nodes, the example and the distributed client (before it sends a request
     to its workers). steps, shift, scheduler: checked when given; text_dim: the model's text
-    embedding width (4096 for umT5-XXL), checked against every context when given."""
+    embedding width (4096 for umT5-XXL), checked against every context when given; inpaint: an
+    Inpaint (or (latent, mask)) checked against the noise."""
     if not isinstance(noise, torch.Tensor) or noise.dim() != 5 or min(noise.shape) < 1:
         shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"noise must be [B, 16, F, H, W] with every size at least 1; got {shape}. A video is at "
@@ -143,6 +193,7 @@ def check_inputs(noise, positive, negative=None, cfg=5.0, denoise=1.0, init_late
     if any(n % p for n, p in zip(frame_shape, patch_size)):
         raise ValueError(f"Latent frames x height x width {frame_shape} must divide by the patch size "
                          f"{tuple(patch_size)}: use a video width and height that are multiples of 16.")
+    _check_inpaint(inpaint, batch, noise.shape[1], frame_shape)
     _check_branch(positive, "positive", batch, frame_shape, text_dim=text_dim)
     if guided:
         _check_branch(negative, "negative", batch, frame_shape, fallback=positive, text_dim=text_dim)
@@ -150,7 +201,7 @@ def check_inputs(noise, positive, negative=None, cfg=5.0, denoise=1.0, init_late
 
 def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, negative: Optional[Conditioning] = None,
                  steps=30, cfg=5.0, shift=5.0, scheduler="unipc", denoise=1.0, init_latent=None, batch_cfg=None,
-                 callback=None, check_interrupt=None, progress=True, cfg_low_noise=None):
+                 callback=None, check_interrupt=None, progress=True, cfg_low_noise=None, inpaint=None):
     """Denoise `noise` [B, 16, F, H, W] (model space) into latents [B, 16, F, H, W] float32 on noise.device.
 
     model: a denoiser, or an ExpertPair (Wan 2.2 A14B, sampling/experts.py): each step runs the
@@ -165,6 +216,9 @@ def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, n
     scheduler: 'unipc' (Wan's default), 'euler' or 'dpm++'.
     callback(step_index, total_steps, x0_prediction [B, 16, F, H, W]) runs after each step;
     check_interrupt() runs before each step and cancels by raising.
+    inpaint: an Inpaint (or a (latent, mask) pair): the region where mask is 0 is kept at `latent`
+      and its tokens get timestep 0 (Wan 2.2 TI2V-5B image-to-video); see Inpaint. None: every token
+      is generated with one timestep (the uniform path, unchanged).
     """
     pair = model if isinstance(model, ExpertPair) else None
     if pair is None and cfg_low_noise is not None:
@@ -172,7 +226,8 @@ def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, n
                          "this model is a single one: leave it None and use cfg.")
     checked_cfg = cfg if pair is None else pair.check_guidance(cfg, cfg_low_noise)
     check_inputs(noise, positive, negative, checked_cfg, denoise, init_latent,
-                 getattr(model, "patch_size", (1, 2, 2)), steps, shift, scheduler, getattr(model, "text_dim", None))
+                 getattr(model, "patch_size", (1, 2, 2)), steps, shift, scheduler, getattr(model, "text_dim", None),
+                 inpaint)
     sigmas = flow_sigmas(steps, shift, denoise)
     scales = [cfg] * steps if pair is None else pair.guidance_scales(sigmas, cfg, cfg_low_noise)
     guided = any(scale != 1 for scale in scales)
@@ -189,6 +244,10 @@ def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, n
     if init_latent is not None:
         sigma0 = sigmas[0].item()
         x = sigma0 * x + (1 - sigma0) * init_latent.to(device, torch.float32)
+    keep = _check_inpaint(inpaint, batch, noise.shape[1], frame_shape)
+    if keep is not None:  # the kept latents and the mask, on the state's device, broadcast to the batch
+        keep = (keep.latent.to(device, torch.float32).expand(batch, -1, -1, -1, -1),
+                keep.mask.to(device, torch.float32).expand(batch, -1, -1, -1, -1))
     logger.debug("Sampling %s: %d steps, cfg %s, shift %s, denoise %s, sigmas %.4f..%.4f on %s", scheduler, steps,
                  cfg, shift, denoise, sigmas[0].item(), sigmas[-2].item(), device)
 
@@ -201,21 +260,32 @@ def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, n
                 denoiser = pair.before_step(i, sigmas)
                 if _state_device(denoiser, x) != device:
                     device = _state_device(denoiser, x)
-                    x, pos, neg = move_to(device, x, pos, neg)
+                    x, pos, neg, keep = move_to(device, x, pos, neg, keep)
                     solver.to(device)
+            t_tokens = None
+            if keep is not None:  # ComfyUI's KSamplerX0Inpaint blend and WAN22.process_timestep
+                x = x * keep[1] + keep[0] * (1 - keep[1])
+                t_tokens = token_timesteps(sigma, keep[1], patch)
+                if bool((t_tokens == torch.tensor(sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32)).all()):
+                    t_tokens = None  # nothing kept this step: the uniform call, bit for bit
             if scale == 1:
-                velocity = _velocity(denoiser, x, sigma, [pos], seq_len)
+                velocity = _velocity(denoiser, x, sigma, [pos], seq_len, t_tokens)
             elif batch_cfg if batch_cfg is not None else getattr(denoiser, "prefers_batched_cfg", False):
-                cond, uncond = _velocity(denoiser, x, sigma, [pos, neg], seq_len).split(batch)
+                cond, uncond = _velocity(denoiser, x, sigma, [pos, neg], seq_len, t_tokens).split(batch)
                 velocity = uncond + scale * (cond - uncond)
             else:
-                cond = _velocity(denoiser, x, sigma, [pos], seq_len)
-                uncond = _velocity(denoiser, x, sigma, [neg], seq_len)
+                cond = _velocity(denoiser, x, sigma, [pos], seq_len, t_tokens)
+                uncond = _velocity(denoiser, x, sigma, [neg], seq_len, t_tokens)
                 velocity = uncond + scale * (cond - uncond)
             x0 = x - sigma * velocity
+            if keep is not None:  # the x0 prediction keeps the clean latents (KSamplerX0Inpaint's second blend)
+                x0 = x0 * keep[1] + keep[0] * (1 - keep[1])
+                velocity = velocity * keep[1] + (1 - keep[1]) * (x - keep[0]) / sigma  # = (x - x0) / sigma
             x = solver.step(velocity, x, i)
             del velocity
             if callback is not None:
                 callback(i, steps, x0)
             bar.update(1)
+    if keep is not None:  # the kept region is exactly the clean latents
+        x = x * keep[1] + keep[0] * (1 - keep[1])
     return x.to(noise.device)

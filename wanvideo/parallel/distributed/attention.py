@@ -5,9 +5,9 @@ q, k, v [B, Ls, H, Dh] (this rank's sequence shard) -> [B, Ls, H, Dh], and compu
 op would compute on the full sequence:
 
   1. Ulysses: an all-to-all within the Ulysses group turns the sequence shards into head shards,
-     [B, Ls, H, Dh] -> [B, Ls * ulysses, H / ulysses, Dh]. Heads that do not divide by the degree
-     are zero-padded (a zero query/key/value head attends uniformly to zero values: its output is
-     zero, and it is dropped on the way back).
+     [B, Ls, H, Dh] -> [B, Ls * ulysses, H / ulysses, Dh]; q, k and v travel packed in one all-to-all.
+     Heads that do not divide by the degree are zero-padded (a zero query/key/value head attends
+     uniformly to zero values: its output is zero, and it is dropped on the way back).
   2. Ring: with ring degree R > 1, the K/V chunk is passed around the ring group while every rank
      attends its queries to each chunk in turn, merging the partial results with their
      log-sum-exp (online softmax), so the result equals attention over all keys.
@@ -124,6 +124,19 @@ def sequence_to_heads(x, degree, group):
     received = torch.empty_like(send)                                                     # [source, B, Ls, h, D]
     dist.all_to_all_single(received, send, group=group)
     return received.permute(1, 0, 2, 3, 4).reshape(b, degree * ls, h // degree, d)
+
+
+def sequences_to_heads(tensors, degree, group):
+    """sequence_to_heads of several [B, Ls, H, D] tensors of one dtype (q, k and v) in ONE all-to-all:
+    they are packed side by side into the send buffer, so each rank sends one message per peer."""
+    b, ls, h, d = tensors[0].shape
+    send = torch.empty(degree, len(tensors), b, ls, h // degree, d, dtype=tensors[0].dtype,
+                       device=tensors[0].device)                                          # [dest, n, B, Ls, h, D]
+    for i, t in enumerate(tensors):
+        send[:, i].copy_(t.reshape(b, ls, degree, h // degree, d).permute(2, 0, 1, 3, 4))
+    received = torch.empty_like(send)                                                     # [source, n, B, Ls, h, D]
+    dist.all_to_all_single(received, send, group=group)
+    return received.permute(1, 2, 0, 3, 4, 5).reshape(len(tensors), b, degree * ls, h // degree, d).unbind(0)
 
 
 def heads_to_sequence(x, degree, group):
@@ -245,7 +258,10 @@ class SequenceParallelAttention:
         if ulysses > 1:
             if padded_heads != heads:
                 q, k, v = (F.pad(t, (0, 0, 0, padded_heads - heads)) for t in (q, k, v))
-            q, k, v = (sequence_to_heads(t, ulysses, groups.ulysses_group) for t in (q, k, v))
+            if q.dtype == k.dtype == v.dtype and q.shape == k.shape == v.shape:
+                q, k, v = sequences_to_heads((q, k, v), ulysses, groups.ulysses_group)  # one all-to-all
+            else:
+                q, k, v = (sequence_to_heads(t, ulysses, groups.ulysses_group) for t in (q, k, v))
         keys = self.mask_gather(key_mask)
         if ring > 1:
             out = ring_attention(q, k, v, keys, groups, self.fused)

@@ -269,6 +269,13 @@ def _as_devices(devices):
         if not torch.cuda.is_available() or max(d.index for d in devices) >= torch.cuda.device_count():
             raise ValueError(f"devices {[str(d) for d in devices]} name GPUs this process cannot see "
                              f"({torch.cuda.device_count()} visible). Check CUDA_VISIBLE_DEVICES.")
+    if "cuda" in kinds and not (dist.is_available() and dist.is_nccl_available()):
+        raise ValueError("The distributed strategy joins its GPU workers with NCCL, which this PyTorch does not have "
+                         "(Windows builds of PyTorch ship without it; gloo cannot carry the workers' GPU "
+                         "all-to-alls). Use an in-process strategy, which needs no process group: data_parallel "
+                         "(CFG branches or batch items on several GPUs), block_distribution (the blocks spread "
+                         "over the GPUs) or expert_parallel (Wan 2.2 A14B's two experts on two GPUs); or run on "
+                         "Linux (or WSL2) for 'distributed'.")
     return devices
 
 

@@ -1,0 +1,132 @@
+"""Less traffic (issue 13, item 2): the bytes the collectives send per forward, counted through
+wrappers inside two gloo ranks; one upload per swapped block and step in pipelined block
+distribution (counted from the swapper's upload log).
+
+Ulysses packs q, k and v into one all-to-all (two per block: q/k/v there, the output back), and
+sequence parallelism gathers the head's output (out_dim * prod(patch) numbers per token) instead of
+the hidden states (dim per token).
+"""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as torch_mp
+
+from conftest import relative_error
+from wanvideo.checkpoint import load_wan_model
+from wanvideo.tiny import make_tiny_checkpoint
+
+CPU = torch.device("cpu")
+GRID = (3, 6, 10)            # latent frames, height, width: 3 x 3 x 5 = 45 tokens (odd: the second shard is padded)
+TOKENS = 45
+DIM, HEADS = 96, 6
+COLLECTIVES = ("all_to_all_single", "all_gather", "all_gather_into_tensor", "send", "recv", "isend", "irecv",
+               "batch_isend_irecv", "all_reduce", "broadcast")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count_collectives(log):
+    """Wrap torch.distributed's collectives in this process: each call appends (name, shape, bytes sent)."""
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            sent = args[1] if _name in ("all_to_all_single", "all_gather", "all_gather_into_tensor") else args[0]
+            if isinstance(sent, torch.Tensor):
+                log.append((_name, list(sent.shape), sent.numel() * sent.element_size()))
+            else:
+                log.append((_name, None, None))
+            return _original(*args, **kwargs)
+        setattr(dist, name, counting)
+
+
+def _rank(rank, world_size, port, path, out_folder):
+    from wanvideo.parallel.distributed import ParallelDegrees
+    from wanvideo.parallel.distributed.sequence_parallel import apply_sequence_parallel
+    from wanvideo.parallel.distributed.topology import ParallelGroups
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    groups = ParallelGroups(ParallelDegrees(1, 2, 1))
+    plain, model = load_wan_model(path, CPU, "fp32"), load_wan_model(path, CPU, "fp32")
+    apply_sequence_parallel(model, groups)
+    g = torch.Generator().manual_seed(0)
+    x, context = [torch.randn(16, *GRID, generator=g)], [torch.randn(7, 32, generator=g)]
+    per_token_t = torch.full((1, TOKENS), 700.0)
+    per_token_t[:, :15] = 0.0  # Wan 2.2 TI2V: the first frame's tokens clean
+    results = {}
+    for name, t in (("t", torch.tensor([600.0])), ("per_token_t", per_token_t)):
+        log = []
+        _count_collectives(log)
+        with torch.no_grad():
+            out = model(x, t, context)[0]
+        for collective in COLLECTIVES:  # unwrap before the reference, which sends nothing
+            setattr(dist, collective, getattr(dist, collective).__kwdefaults__["_original"])
+        with torch.no_grad():
+            expected = plain(x, t, context)[0]
+        results[name] = dict(log=log, error=relative_error(out, expected))
+    with open(os.path.join(out_folder, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_traffic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("traffic")
+    path, config, _ = make_tiny_checkpoint(folder / "t2v.safetensors", "t2v", dim=DIM, num_heads=HEADS)
+    torch_mp.start_processes(_rank, args=(2, _free_port(), str(path), str(folder)), nprocs=2, start_method="fork")
+    return config, [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.mark.parametrize("timesteps", ["t", "per_token_t"])
+def test_collective_bytes_per_forward(two_rank_traffic, timesteps):
+    config, ranks = two_rank_traffic
+    layers, out_numbers = config["num_layers"], config["out_dim"] * 4   # patch (1, 2, 2)
+    shard = -(-TOKENS // 2)
+    for results in ranks:
+        result = results[timesteps]
+        assert result["error"] <= 1e-5
+        log = result["log"]
+        to_all = [entry for entry in log if entry[0] == "all_to_all_single"]
+        # one all-to-all for q, k and v packed, one for the attention output: 2 per block, not 4
+        assert len(to_all) == 2 * layers, log
+        packed = [entry for entry in to_all if entry[1][1] == 3]      # [dest, q/k/v, B, Ls, h, D]
+        assert len(packed) == layers
+        assert all(entry[2] == 3 * shard * DIM * 4 for entry in packed)   # fp32 q, k, v of the shard
+        gathers = [entry for entry in log if entry[0] == "all_gather"]
+        # the key mask (the second shard is padded) once, then the head's output once
+        assert [entry[1] for entry in gathers] == [[1, shard], [1, shard, out_numbers]], gathers
+        assert gathers[-1][2] == shard * out_numbers * 4               # 64 numbers per token, not dim
+        assert {entry[0] for entry in log} == {"all_to_all_single", "all_gather"}
+
+
+# --- pipelined block distribution with block swap: one upload per swapped block and step --------
+
+def test_pipelined_stage_with_swap_uploads_each_block_once_per_step(tmp_path):
+    from wanvideo.engine import BlockSwapSettings
+    from wanvideo.parallel.block_distribution import distribute_model_blocks
+    path, _, _ = make_tiny_checkpoint(tmp_path / "t2v.safetensors", "t2v")
+    reference = load_wan_model(str(path), CPU, "fp32")
+    model = load_wan_model(str(path), CPU, "fp32")
+    distribution = distribute_model_blocks(model, [CPU, CPU], blocks_per_device=[3, 1], pipeline=True,
+                                           blocks_to_swap_per_device=[3, 0],
+                                           swap_settings=BlockSwapSettings(blocks_to_swap=3, prefetch_blocks=1))
+    swapper = distribution.swappers[0]
+    g = torch.Generator().manual_seed(1)
+    x = [torch.randn(16, 3, 4, 6, generator=g) for _ in range(2)]                  # cond and uncond: 2 micro-batches
+    context = [torch.randn(9, 32, generator=g), torch.randn(5, 32, generator=g)]
+    steps = (900.0, 500.0)
+    with torch.no_grad():
+        for t in steps:
+            outs = model(x, torch.tensor([t, t]), context)
+            expected = reference(x, torch.tensor([t, t]), context)
+            assert all(relative_error(o, e) <= 1e-5 for o, e in zip(outs, expected))
+    # 3 swapped blocks, 2 steps: 6 uploads (+ the prefetch of block 0 for a third step), not 2 per block and step
+    assert list(swapper.upload_log) == [0, 1, 2, 0, 1, 2, 0]

@@ -167,7 +167,7 @@ def check_inputs(noise, positive, negative=None, cfg=5.0, denoise=1.0, init_late
     input check of the nodes, the example and the distributed client (before it sends a request
     to its workers). steps, shift, scheduler: checked when given; text_dim: the model's text
     embedding width (4096 for umT5-XXL), checked against every context when given; inpaint: an
-    Inpaint (or (latent, mask)) checked against the noise."""
+    Inpaint (or (latent, mask)) checked against the noise. Returns the inpaint as an Inpaint (or None)."""
     if not isinstance(noise, torch.Tensor) or noise.dim() != 5 or min(noise.shape) < 1:
         shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"noise must be [B, 16, F, H, W] with every size at least 1; got {shape}. A video is at "
@@ -193,10 +193,11 @@ def check_inputs(noise, positive, negative=None, cfg=5.0, denoise=1.0, init_late
     if any(n % p for n, p in zip(frame_shape, patch_size)):
         raise ValueError(f"Latent frames x height x width {frame_shape} must divide by the patch size "
                          f"{tuple(patch_size)}: use a video width and height that are multiples of 16.")
-    _check_inpaint(inpaint, batch, noise.shape[1], frame_shape)
+    inpaint = _check_inpaint(inpaint, batch, noise.shape[1], frame_shape)
     _check_branch(positive, "positive", batch, frame_shape, text_dim=text_dim)
     if guided:
         _check_branch(negative, "negative", batch, frame_shape, fallback=positive, text_dim=text_dim)
+    return inpaint
 
 
 def sample_video(model: Callable, noise: torch.Tensor, positive: Conditioning, negative: Optional[Conditioning] = None,

@@ -92,7 +92,8 @@ class WanWorkerClient:
         return self.degrees or choose_degrees(self.world_size, self.num_heads, use_cfg=cfg != 1)
 
     def sample(self, noise, positive, negative=None, steps=30, cfg=5.0, shift=5.0, scheduler="unipc", denoise=1.0,
-               init_latent=None, batch_cfg=None, callback=None, check_interrupt=None, previews=False, degrees=None):
+               init_latent=None, batch_cfg=None, callback=None, check_interrupt=None, previews=False, degrees=None,
+               inpaint=None):
         """Denoise noise [B, 16, F, H, W] -> latents [B, 16, F, H, W] float32 on the CPU.
 
         Arguments as wanvideo.sampling.loop.sample_video (positive / negative are Conditioning).
@@ -101,12 +102,14 @@ class WanWorkerClient:
           stops every worker at its next step, and the exception propagates.
         degrees: this run's layout (default: the client's, else choose_degrees).
         """
-        self._check_latents(noise, positive, negative)
+        self._check_latents(noise, positive, negative, self.served.latent_channels or 16)
         # bad settings fail here, not in the workers
-        check_inputs(noise, positive, negative, cfg, denoise, init_latent, self.served.patch_size, steps, shift,
-                     scheduler, self.served.text_dim)
+        inpaint = check_inputs(noise, positive, negative, cfg, denoise, init_latent, self.served.patch_size, steps,
+                               shift, scheduler, self.served.text_dim, inpaint)
         return self._run(dict(kind="sample", latents=noise, positive=positive, negative=negative, cfg=cfg, steps=steps,
                               shift=shift, scheduler=scheduler, denoise=denoise, init_latent=init_latent,
+                              inpaint_latent=None if inpaint is None else inpaint.latent,
+                              inpaint_mask=None if inpaint is None else inpaint.mask,
                               batch_cfg=batch_cfg, previews=previews), degrees, callback, check_interrupt)
 
     def forward(self, x, timestep, positive, negative=None, cfg=1.0, degrees=None):
@@ -140,9 +143,13 @@ class WanWorkerClient:
             if cond is not None and len(cond.context) != batch:
                 raise ValueError(f"{name}.context has {len(cond.context)} text embeddings for a batch of {batch} "
                                  "videos; give one per video.")
-        if self.served.model_type != "t2v" and (positive.clip_fea is None or positive.y is None):
-            raise ValueError(f"{self.served.path!r} is a {self.served.model_type} model: positive needs clip_fea "
-                             "(CLIP image tokens) and y (mask and image latents).")
+        needs = self.served.needs if self.served.needs is not None else (
+            [] if self.served.model_type == "t2v" else ["clip_fea", "y"])  # workers that do not say
+        missing = [name for name in needs if getattr(positive, name) is None]
+        if missing:
+            what = {"clip_fea": "clip_fea (CLIP image tokens)", "y": "y (mask and image latents)"}
+            raise ValueError(f"{self.served.path!r} is a {self.served.model_type} model: positive needs "
+                             + " and ".join(what[name] for name in needs) + ".")
 
     # --- the loop ------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from safetensors.torch import save as save_safetensors
 from ...sampling.loop import Conditioning
 from .topology import ParallelDegrees
 
+_TENSORS = ("timestep", "init_latent", "inpaint_latent", "inpaint_mask")  # optional tensors, by name
 KINDS = ("sample", "forward", "shutdown")
 _SETTINGS = ("kind", "request_id", "cfg", "steps", "shift", "scheduler", "denoise", "batch_cfg", "previews")
 
@@ -45,6 +46,8 @@ class Request:
     scheduler: str = "unipc"
     denoise: float = 1.0
     init_latent: Optional[torch.Tensor] = None
+    inpaint_latent: Optional[torch.Tensor] = None   # sampling.Inpaint's latent and mask (TI2V-5B i2v)
+    inpaint_mask: Optional[torch.Tensor] = None
     batch_cfg: Optional[bool] = None
     previews: bool = False     # send the x0 prediction of every step with the progress
 
@@ -57,20 +60,25 @@ class Request:
 class ServedModel:
     """What a client needs to know of the workers' checkpoint to check a request before sending it.
     path: the file as the workers see it (for messages); model_type: 't2v', 'i2v' or 'flf2v';
-    patch_size (F, H, W); in_dim: input channels (16, plus y's for i2v); num_heads (for the layout);
-    text_dim: the text embedding width (None from workers that do not publish it)."""
+    patch_size (F, H, W); in_dim: input channels (the latents', plus y's for i2v); num_heads (for the
+    layout); text_dim: the text embedding width; latent_channels: 16 (Wan 2.1, A14B) or 48 (TI2V-5B);
+    needs: what `positive` must carry besides the text ('clip_fea' and 'y' for Wan 2.1 i2v / flf2v,
+    'y' for I2V-A14B). Fields after num_heads are None from workers that do not publish them."""
     path: str
     model_type: str
     patch_size: tuple
     in_dim: int
     num_heads: int
     text_dim: Optional[int] = None
+    latent_channels: Optional[int] = None
+    needs: Optional[list] = None
 
     @classmethod
     def from_info(cls, info):
         """From a wanvideo.checkpoint.CheckpointInfo."""
+        needs = (["clip_fea"] if info.image_embedding else []) + (["y"] if info.condition_channels else [])
         return cls(str(info.path), info.model_type, tuple(info.config["patch_size"]), int(info.config["in_dim"]),
-                   int(info.config["num_heads"]), int(info.config["text_dim"]))
+                   int(info.config["num_heads"]), int(info.config["text_dim"]), int(info.latent_channels), needs)
 
     def to_json(self):
         return json.dumps({**self.__dict__, "patch_size": list(self.patch_size)})
@@ -96,7 +104,7 @@ def _cpu_conditioning(cond):
 
 def detached_request(**kwargs):
     """A Request whose tensors are private CPU copies (safe to share with other processes)."""
-    for name in ("latents", "timestep", "init_latent"):
+    for name in ("latents",) + _TENSORS:
         kwargs[name] = _cpu_copy(kwargs.get(name))
     for name in ("positive", "negative"):
         kwargs[name] = _cpu_conditioning(kwargs.get(name))
@@ -105,8 +113,7 @@ def detached_request(**kwargs):
 
 def encode_request(request):
     """Request -> safetensors bytes (tensors by name, settings as JSON metadata)."""
-    tensors = {name: getattr(request, name) for name in ("timestep", "init_latent")
-               if getattr(request, name) is not None}
+    tensors = {name: getattr(request, name) for name in _TENSORS if getattr(request, name) is not None}
     settings = {name: getattr(request, name) for name in _SETTINGS}
     settings["latents"] = _put_tensors(tensors, "latents", request.latents)
     settings["degrees"] = None if request.degrees is None else [request.degrees.cfg, request.degrees.ulysses,
@@ -135,7 +142,7 @@ def decode_request(payload):
     degrees = settings.pop("degrees")
     latents = _take_tensors(tensors, "latents", settings.pop("latents"))
     return Request(degrees=None if degrees is None else ParallelDegrees(*degrees), latents=latents, **branches,
-                   **{name: tensors.get(name) for name in ("timestep", "init_latent")}, **settings)
+                   **{name: tensors.get(name) for name in _TENSORS}, **settings)
 
 
 def _put_tensors(tensors, name, value):

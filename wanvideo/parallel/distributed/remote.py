@@ -90,12 +90,12 @@ class TorchrunWanClient(WanWorkerClient):
         self.served = ServedModel.from_json(self.store.get("model").decode())
 
     def sample(self, noise, positive, negative=None, steps=30, cfg=5.0, shift=5.0, scheduler="unipc", denoise=1.0,
-               init_latent=None, batch_cfg=None, callback=None, check_interrupt=None, degrees=None):
+               init_latent=None, batch_cfg=None, callback=None, check_interrupt=None, degrees=None, inpaint=None):
         """As DistributedWanRunner.sample (without previews: callback gets x0 None): latents
         [B, 16, F, H, W] float32 on the CPU."""
         return super().sample(noise, positive, negative, steps=steps, cfg=cfg, shift=shift, scheduler=scheduler,
                               denoise=denoise, init_latent=init_latent, batch_cfg=batch_cfg, callback=callback,
-                              check_interrupt=check_interrupt, degrees=degrees)
+                              check_interrupt=check_interrupt, degrees=degrees, inpaint=inpaint)
 
     def shutdown_workers(self):
         """Ask every rank to exit (the torchrun job then ends)."""

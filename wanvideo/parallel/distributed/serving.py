@@ -101,4 +101,6 @@ class WorkerSession:
         return sample_video(model, request.latents, request.positive, negative, steps=request.steps, cfg=cfg,
                             shift=request.shift, scheduler=request.scheduler, denoise=request.denoise,
                             init_latent=request.init_latent, batch_cfg=request.batch_cfg, callback=on_step,
+                            inpaint=None if request.inpaint_latent is None else (request.inpaint_latent,
+                                                                                 request.inpaint_mask),
                             check_interrupt=check_interrupt, progress=False)

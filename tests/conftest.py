@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -6,6 +7,24 @@ import torch
 from wanvideo.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def free_port():
+    """A TCP port on the loopback interface that nothing listens on (for a process group's store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_main(main, argv, capsys):
+    """A command line's main(argv) -> (exit status, stdout, stderr), for argparse's errors
+    (SystemExit) too."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def relative_error(actual, expected):

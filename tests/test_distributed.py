@@ -23,7 +23,7 @@ from wanvideo.parallel.distributed.protocol import decode_request, detached_requ
 from wanvideo.sampling.loop import Conditioning, sample_video
 from wanvideo.tiny import make_tiny_checkpoint
 
-from conftest import relative_error
+from conftest import free_port, relative_error
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -348,19 +348,12 @@ def test_workers_start_inside_a_host_that_imported_the_package_under_another_nam
 
 # --- torchrun entry point -----------------------------------------------------------------------
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_workers_serve_requests(tmp_path):
     from wanvideo.parallel.distributed.remote import TorchrunWanClient
     path, _, _ = make_tiny_checkpoint(tmp_path / "t2v.safetensors", "t2v", dim=96, num_heads=3)
-    serve_port = _free_port()
+    serve_port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), "-m", "wanvideo.parallel.distributed.worker",
+               "--master-port", str(free_port()), "-m", "wanvideo.parallel.distributed.worker",
                "--checkpoint", str(path), "--device", "cpu", "--precision", "fp32",
                "--serve-host", "127.0.0.1", "--serve-port", str(serve_port)]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")

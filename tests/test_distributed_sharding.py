@@ -10,7 +10,6 @@ level (with instrumentation inside the ranks), one worker group of two ranks the
 import json
 import os
 import signal
-import socket
 import weakref
 
 import pytest
@@ -19,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 from safetensors.torch import save_file
 
-from conftest import relative_error
+from conftest import free_port, relative_error
 from test_distributed import TOLERANCE, _inputs  # the same tiny inputs as the unsharded tests
 from test_plan import inventory, write_header_only_checkpoint
 from wanvideo.checkpoint import inspect_checkpoint, load_wan_model, read_safetensors_header
@@ -61,12 +60,6 @@ def _write_lora(path, state, targets, seed=3):
 
 
 LORA_TARGETS = ("blocks.0.self_attn.q", "blocks.1.ffn.0", "blocks.3.cross_attn.o", "text_embedding.0", "head.head")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- in this process -----------------------------------------------------------------------------
@@ -205,7 +198,7 @@ def tiny_files(tmp_path_factory):
 def four_rank_results(tiny_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     # fork: the ranks inherit this process's imports (spawning four fresh interpreters costs more than the checks)
-    torch_mp.start_processes(_four_rank_checks, args=(4, _free_port(), tiny_files, str(out)), nprocs=4,
+    torch_mp.start_processes(_four_rank_checks, args=(4, free_port(), tiny_files, str(out)), nprocs=4,
                              start_method="fork")
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)]
 

@@ -6,18 +6,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import example_multi_gpu_usage as example
+from conftest import run_main
 from wanvideo import api
 from wanvideo.latent_format import denormalize_latents, save_comfy_latent
 
 
 def run_example(argv, capsys):
-    """main(argv) -> (exit status, stdout, stderr), for argparse's errors (SystemExit) too."""
-    try:
-        code = example.main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(example.main, argv, capsys)
 
 
 class Loaded(Exception):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import multi_gpu_utils as mgu
+from conftest import run_main
 from nvml_fake import fake_nvml, inventory  # noqa: F401 (fake_nvml is a fixture)
 
 
@@ -93,13 +94,7 @@ def test_cli_benchmark_on_cpu(tiny_checkpoints, tmp_path, capsys):
 # --- errors: one line on stderr, exit status 2 (issue 14, item 11) -------------------------------
 
 def run_cli(argv, capsys):
-    """main(argv) -> (exit status, stdout, stderr), for argparse's errors (SystemExit) too."""
-    try:
-        code = mgu.main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(mgu.main, argv, capsys)
 
 
 def assert_one_line_error(code, err, *fragments):

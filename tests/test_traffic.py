@@ -8,14 +8,13 @@ the hidden states (dim per token).
 """
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-from conftest import relative_error
+from conftest import free_port, relative_error
 from wanvideo.checkpoint import load_wan_model
 from wanvideo.tiny import make_tiny_checkpoint
 
@@ -25,12 +24,6 @@ TOKENS = 45
 DIM, HEADS = 96, 6
 COLLECTIVES = ("all_to_all_single", "all_gather", "all_gather_into_tensor", "send", "recv", "isend", "irecv",
                "batch_isend_irecv", "all_reduce", "broadcast")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _count_collectives(log):
@@ -81,7 +74,7 @@ def _rank(rank, world_size, port, path, out_folder):
 def two_rank_traffic(tmp_path_factory):
     folder = tmp_path_factory.mktemp("traffic")
     path, config, _ = make_tiny_checkpoint(folder / "t2v.safetensors", "t2v", dim=DIM, num_heads=HEADS)
-    torch_mp.start_processes(_rank, args=(2, _free_port(), str(path), str(folder)), nprocs=2, start_method="fork")
+    torch_mp.start_processes(_rank, args=(2, free_port(), str(path), str(folder)), nprocs=2, start_method="fork")
     return config, [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 

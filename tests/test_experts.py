@@ -1,7 +1,6 @@
 """Wan 2.2 A14B two-expert sampling: the switching rule, against diffusers' WanPipeline /
 WanImageToVideoPipeline running the same tiny experts (`transformer`, `transformer_2`,
 `boundary_ratio`, `guidance_scale_2`), and every expert placement against the single-device pair."""
-import json
 
 import numpy as np
 import pytest
@@ -11,13 +10,12 @@ from safetensors.torch import save_file
 
 from conftest import relative_error
 from wanvideo import load_wan_model
-from wanvideo.checkpoint import CONFIG_METADATA_KEY
 from wanvideo.parallel.experts import load_expert_pair
 from wanvideo.pipeline import LoadSettings
 from wanvideo.sampling import Conditioning, ExpertPair, flow_sigmas, make_noise, sample_video
 from wanvideo.sampling.experts import HIGH_NOISE, I2V_BOUNDARY, LOW_NOISE, T2V_BOUNDARY, official_boundary
 from wanvideo.sampling.schedulers import FlowScheduler
-from wanvideo.tiny import make_tiny_state_dict, tiny_config
+from wanvideo.tiny import make_tiny_checkpoint, make_tiny_expert_pair
 
 diffusers = pytest.importorskip("diffusers", minversion="0.35")  # transformer_2 / boundary_ratio: Wan 2.2
 
@@ -29,9 +27,7 @@ TEXT_TOKENS = 32  # the experts' text_len: ours pads the prompt to it, diffusers
 def make_expert(path, in_dim=16, seed=0):
     """A tiny A14B-shaped expert: Wan 2.1 14B's architecture without CLIP; in_dim 16 (t2v) or 36 (i2v:
     noise + 4 mask + 16 image-latent channels in y). Written with its config in the header."""
-    config = dict(tiny_config("t2v", text_len=TEXT_TOKENS), in_dim=in_dim)
-    save_file({k: v.contiguous() for k, v in make_tiny_state_dict(config, seed).items()}, str(path),
-              metadata={CONFIG_METADATA_KEY: json.dumps(config)})
+    path, config, _ = make_tiny_checkpoint(path, "t2v", seed=seed, text_len=TEXT_TOKENS, in_dim=in_dim)
     return path, config
 
 
@@ -343,10 +339,7 @@ def pair_folder(tmp_path, monkeypatch):
     """models/diffusion_models with a tiny t2v expert pair (umT5-wide text) and models/loras with one LoRA."""
     folder = tmp_path / "diffusion_models"
     folder.mkdir()
-    for name, seed in ((HIGH_NOISE, 1), (LOW_NOISE, 2)):
-        config = dict(tiny_config("t2v", text_len=16, text_dim=4096))
-        save_file(make_tiny_state_dict(config, seed), str(folder / f"wan2.2_tiny_t2v_{name}.safetensors"),
-                  metadata={CONFIG_METADATA_KEY: json.dumps(config)})
+    make_tiny_expert_pair(folder, "t2v", seeds=(1, 2), text_len=16, text_dim=4096)
     loras = tmp_path / "loras"
     loras.mkdir()
     g = torch.Generator().manual_seed(5)

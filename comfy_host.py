@@ -77,7 +77,8 @@ def check_interrupt():
 
 
 def free_memory_for_run():
-    """Ask ComfyUI to unload the models it manages (text encoder, VAE) before a large run."""
+    """Ask ComfyUI to unload the models it manages (text encoder, VAE) before a large load (the
+    loaders call it when they replace what they loaded before)."""
     if IN_COMFYUI:
         model_management.unload_all_models()
         model_management.soft_empty_cache()

@@ -24,14 +24,15 @@ def loras_for(chain, expert=None):
 
 
 class WanMultiGPUModelLoader:
-    """Loads a Wan 2.1 diffusion model (t2v, i2v, flf2v; 1.3B, 14B) from models/diffusion_models."""
+    """Loads a Wan 2.1 or 2.2 diffusion model (t2v, i2v, flf2v; 1.3B, 14B, TI2V-5B, A14B expert pairs) from
+    models/diffusion_models."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "model": (comfy_host.list_model_files("diffusion_models"), {
-                    "tooltip": "A Wan 2.1 diffusion model (.safetensors) from models/diffusion_models: official or "
+                    "tooltip": "A Wan 2.1 or 2.2 diffusion model (.safetensors) from models/diffusion_models: official or "
                                "ComfyUI-repackaged, bf16, fp16, fp32 or fp8."}),
                 "base_precision": (["bf16", "fp16", "fp32"], {
                     "default": "bf16", "tooltip": "Precision of the computation and of the weights that are not "
@@ -64,7 +65,7 @@ class WanMultiGPUModelLoader:
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads a Wan 2.1 model for 'WanVideo Sampler (Multi-GPU pack)'."
+    DESCRIPTION = "Loads a Wan 2.1 or 2.2 model for 'WanVideo Sampler (Multi-GPU pack)'."
 
     @staticmethod
     def settings_from_inputs(base_precision, quantization, load_device, attention_mode, lora=None,
@@ -151,7 +152,7 @@ class WanVideoMultiGPULoader(WanMultiGPUModelLoader):
 
     RETURN_TYPES = (MODEL_TYPE, "STRING")
     RETURN_NAMES = ("model", "plan")
-    DESCRIPTION = ("Loads a Wan 2.1 model across several GPUs with the chosen strategy; 'plan' tells which blocks "
+    DESCRIPTION = ("Loads a Wan 2.1 or 2.2 model across several GPUs with the chosen strategy; 'plan' tells which blocks "
                    "went to which GPU and the memory each holds.")
 
     def load(self, model, base_precision, quantization, load_device, attention_mode, parallelism_type="auto",
@@ -214,7 +215,7 @@ class WanMultiGPULoraSelect:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "lora": (comfy_host.list_model_files("loras"), {"tooltip": "A Wan 2.1 LoRA (.safetensors) from "
+                "lora": (comfy_host.list_model_files("loras"), {"tooltip": "A Wan LoRA (.safetensors) from "
                                                                            "models/loras: ComfyUI, kohya/musubi or diffusers format."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "Multiplier of the LoRA's change; 0 leaves the model as it is."}),

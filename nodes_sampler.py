@@ -130,13 +130,13 @@ def expert_arguments(model, boundary, cfg_low_noise):
 
 
 class WanMultiGPUSampler:
-    """Denoises a Wan 2.1 video latent with the model from this package's loaders."""
+    """Denoises a Wan 2.1 or 2.2 video latent with the model from this package's loaders."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL_TYPE, {"tooltip": "The Wan 2.1 model from 'WanVideo Model Loader (Multi-GPU pack)' or "
+                "model": (MODEL_TYPE, {"tooltip": "The Wan model from 'WanVideo Model Loader (Multi-GPU pack)' or "
                                                   "'WanVideo Multi-GPU Loader'."}),
                 "positive": ("CONDITIONING", {"tooltip": "What the video should show: CLIPTextEncode with a CLIPLoader of "
                                                          "type 'wan', or WanImageToVideo's positive output for image-to-video."}),
@@ -180,7 +180,7 @@ class WanMultiGPUSampler:
     RETURN_NAMES = ("latent",)
     FUNCTION = "sample"
     CATEGORY = "WanVideoMultiGPU"
-    DESCRIPTION = "Samples a Wan 2.1 video with this package's model; decode the result with ComfyUI's VAEDecode."
+    DESCRIPTION = "Samples a Wan 2.1 or 2.2 video with this package's model; decode the result with ComfyUI's VAEDecode."
 
     def sample(self, model, positive, negative, width, height, num_frames, steps, cfg, shift, seed, scheduler,
                denoise, latent=None, boundary=0.0, cfg_low_noise=-1.0):

@@ -1,9 +1,11 @@
-"""GPUs for Wan 2.1: discovery, validation, monitoring, automatic configuration and benchmarks.
+"""GPUs for Wan 2.1 and 2.2: discovery, validation, monitoring, automatic configuration and benchmarks.
 
     from multi_gpu_utils import setup_optimal_parallelism, print_gpu_status, validate_gpu_setup
     config = setup_optimal_parallelism("model.safetensors")   # plan dict for the loader, with a reason
-    print_gpu_status()                                         # one line per GPU
+    config = get_optimal_gpu_config("high_noise.safetensors", low_noise_model="low_noise.safetensors")  # A14B pair
+    print_gpu_status()                                         # one line per GPU, with its links
     is_valid, message = validate_gpu_setup([0, 1])             # or "0,1"
+    is_valid, message = validate_model_setup("0,1", "model.safetensors")   # and the model's plan fits them
 
 The documented names, kept here for scripts; each lives in the package (wanvideo/gpus/ for
 discovery, validation and the memory monitor; wanvideo/parallel/auto.py for the plan;
@@ -23,12 +25,13 @@ from wanvideo.cli import OneLineArgumentParser, number_at_least, run_reporting_e
 from wanvideo.devices import parse_devices, parse_gpu_ids
 from wanvideo.gpus import (GIB, MemoryUsageReport, format_gpu_status, get_available_gpus, get_gpu_info,
                            monitor_memory_usage, print_gpu_status, validate_gpu_setup)
-from wanvideo.parallel.auto import get_optimal_gpu_config, setup_optimal_parallelism
+from wanvideo.parallel.auto import get_optimal_gpu_config, setup_optimal_parallelism, validate_model_setup
 
 __all__ = [
     "get_gpu_info", "get_available_gpus", "format_gpu_status", "print_gpu_status", "parse_gpu_ids",
-    "validate_gpu_setup", "monitor_memory_usage", "MemoryUsageReport", "get_optimal_gpu_config",
-    "setup_optimal_parallelism", "benchmark_multi_gpu_performance", "register_benchmark_strategy",
+    "validate_gpu_setup", "validate_model_setup", "monitor_memory_usage", "MemoryUsageReport",
+    "get_optimal_gpu_config", "setup_optimal_parallelism", "benchmark_multi_gpu_performance",
+    "register_benchmark_strategy",
     "BENCHMARK_STRATEGIES", "BenchmarkSettings", "BenchmarkRunnable", "main",
 ]
 PROG = "multi_gpu_utils.py"
@@ -61,8 +64,8 @@ def _build_parser():
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress (INFO)")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error")
-    parser = OneLineArgumentParser(prog=PROG, parents=[common], description="GPUs for Wan 2.1: status, validation, "
-                             "recommended parallelism, benchmarks.")
+    parser = OneLineArgumentParser(prog=PROG, parents=[common], description="GPUs for Wan 2.1 and 2.2: status, "
+                                   "validation, recommended parallelism, benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True)
     add = lambda name, **kwargs: commands.add_parser(name, parents=[common], **kwargs)
     status = add("status", help="table of the GPUs", description="Print the GPUs this process sees.")
@@ -72,9 +75,16 @@ def _build_parser():
     validate.add_argument("--min-free-gib", type=number_at_least(float, 0),
                           help="each GPU needs at least this much free memory")
     validate.add_argument("--max-utilization", type=float, help="no GPU may be busier (percent)")
+    validate.add_argument("--model", help="also check that the plan for this Wan 2.1 / 2.2 .safetensors file fits "
+                                          "these GPUs")
+    validate.add_argument("--low-noise-model", help="with --model (the high-noise expert): the Wan 2.2 A14B "
+                                                    "low-noise expert; the pair is checked")
+    _add_workload_arguments(validate, by_device=False)
     recommend = add("recommend", help="plan the parallelism for a model",
                     description="Read a checkpoint header and print the best plan for these GPUs.")
-    recommend.add_argument("model", help="path of a Wan 2.1 .safetensors file")
+    recommend.add_argument("model", help="path of a Wan 2.1 / 2.2 .safetensors file (the high-noise expert of an "
+                                         "A14B pair)")
+    recommend.add_argument("--low-noise-model", help="the Wan 2.2 A14B low-noise expert: plan the pair")
     _add_workload_arguments(recommend, by_device=False)
     recommend.add_argument("--json", action="store_true", help="print the plan as JSON")
     bench = add("benchmark", help="time configurations on a model",
@@ -98,25 +108,40 @@ def _status(args):
     return 0
 
 
+def _workload(args):
+    check_video_size(args.width, args.height, args.frames)
+    return dict(width=args.width, height=args.height, num_frames=args.frames, base_precision=args.precision,
+                quantization=args.quantization, cfg=not args.no_cfg, batch_size=args.batch_size)
+
+
 def _validate(args):
+    if args.low_noise_model and not args.model:
+        raise ValueError("--low-noise-model needs --model (the high-noise expert of the same A14B pair).")
     ok, message = validate_gpu_setup(args.gpu_ids, None if args.min_free_gib is None else args.min_free_gib * GIB,
                                      args.max_utilization)
+    if ok and args.model:
+        ok, message = validate_model_setup(args.gpu_ids, args.model, args.low_noise_model, **_workload(args))
     print(("OK: " if ok else "Not usable: ") + message)
     return 0 if ok else 1
 
 
+def _print_plan(config, indent=""):
+    for key, value in config.items():
+        if key not in ("reason", "estimated_memory_per_gpu", "experts"):
+            print(f"{indent}{key:24} {value}")
+    memory = [f"{b / GIB:.1f} GiB" for b in config["estimated_memory_per_gpu"]]
+    print(f"{indent}{'estimated_memory_per_gpu':24} {memory}")
+
+
 def _recommend(args):
-    check_video_size(args.width, args.height, args.frames)
-    config = get_optimal_gpu_config(args.model, width=args.width, height=args.height, num_frames=args.frames,
-                                    base_precision=args.precision, quantization=args.quantization,
-                                    cfg=not args.no_cfg, batch_size=args.batch_size)
+    config = get_optimal_gpu_config(args.model, low_noise_model=args.low_noise_model, **_workload(args))
     if args.json:
         print(json.dumps(config, indent=2))
         return 0
-    for key, value in config.items():
-        if key not in ("reason", "estimated_memory_per_gpu"):
-            print(f"{key:24} {value}")
-    print(f"{'estimated_memory_per_gpu':24} {[f'{b / GIB:.1f} GiB' for b in config['estimated_memory_per_gpu']]}")
+    _print_plan(config)
+    for name, expert in config.get("experts", {}).items():
+        print(f"\n{name.replace('_', '-')} expert:")
+        _print_plan(expert, indent="  ")
     print(f"\n{config['reason']}")
     return 0
 

@@ -10,12 +10,14 @@ the official code does), every step timed to the device's end:
                experts do not fit): the switch uploads one expert;
   step_aside   the same with the pipeline's own step_aside()/come_back() (copies out, then in);
   expert_parallel  (2+ GPUs) high-noise expert on cuda:0, low-noise on cuda:1; the latents hop.
+  distributed  (2 GPUs) two worker groups on cuda:0 and cuda:1, one per expert (cond and uncond in
+               one request: CFG parallel), both experts resident on both GPUs.
 Rows: per-step seconds, the switch seconds (in the run) and the switch back (start of the next run),
 and the extra time of a whole 40-step run over the resident baseline: (window - baseline window +
 switch back) / (40-step baseline run). Writes experts.json to $OUT.
 
     python benchmarks/bench_experts.py                          # one GPU: resident, host_mirror, step_aside
-    python benchmarks/bench_experts.py --placements expert_parallel,resident   # on 2 GPUs
+    python benchmarks/bench_experts.py --placements resident,expert_parallel,distributed   # on 2 GPUs
     python benchmarks/bench_experts.py --dry-run                # tiny experts on CPU devices: checks the script
 """
 import argparse
@@ -97,8 +99,11 @@ def run_window(pipeline, noise, positive, negative, window, sigmas):
             device = torch.device(denoiser.device)
             x = x.to(device)
             t = torch.full((1,), sigmas[i].item() * 1000, device=device)
-            cond = denoiser(list(x), t, [c.to(device) for c in positive])[0]
-            uncond = denoiser(list(x), t, [c.to(device) for c in negative])[0]
+            if getattr(denoiser, "prefers_batched_cfg", False):  # a worker group: both branches in one request
+                cond, uncond = denoiser([x[0], x[0]], t, [c.to(device) for c in positive + negative])
+            else:
+                cond = denoiser(list(x), t, [c.to(device) for c in positive])[0]
+                uncond = denoiser(list(x), t, [c.to(device) for c in negative])[0]
             scale = CFG_HIGH if pair.uses_high_noise(sigmas[i]) else CFG_LOW
             x = x + (sigmas[i + 1].item() - sigmas[i].item()) * (uncond + scale * (cond - uncond))[None]
             sync(devices)
@@ -116,8 +121,8 @@ def bench(placement, paths, args, noise, positive, negative, rows, baseline):
         experts_module.residency_for = StepAside
     try:
         began = time.perf_counter()
-        if placement == "expert_parallel":
-            pipeline = load_expert_pair(*paths, "expert_parallel", devices=[device(0), device(1)], **kwargs)
+        if placement in ("expert_parallel", "distributed"):
+            pipeline = load_expert_pair(*paths, placement, devices=[device(0), device(1)], **kwargs)
         else:
             pipeline = load_expert_pair(*paths, "none", devices=[device(0)],
                                         idle_expert="resident" if placement == "resident" else "cpu", **kwargs)
@@ -128,7 +133,7 @@ def bench(placement, paths, args, noise, positive, negative, rows, baseline):
         seconds, x, pair = run_window(pipeline, noise, positive, negative, window, sigmas)
         began = time.perf_counter()
         pipeline.come_back()  # the next run starts with the high-noise expert: the switch back
-        sync([device(0), device(1)] if placement == "expert_parallel" else [device(0)])
+        sync([device(0), device(1)] if placement in ("expert_parallel", "distributed") else [device(0)])
         switch_back_s = time.perf_counter() - began
         row = dict(placement=placement, load_s=round(load_s, 1), window=window, switch_step=switch,
                    step_s=[round(s, 3) for s in seconds], switches=[(s, n, round(t, 3)) for s, n, t in pair.switches],
@@ -156,7 +161,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny experts on CPU devices: checks the script")
     parser.add_argument("--placements", default="resident,host_mirror,step_aside",
-                        help="comma-separated: resident (first: the baseline), host_mirror, step_aside, expert_parallel")
+                        help="comma-separated: resident (first: the baseline), host_mirror, step_aside, expert_parallel, "
+                             "distributed")
     parser.add_argument("--each-side", type=int, default=3, help="steps timed before and after the switch")
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--height", type=int, default=480)

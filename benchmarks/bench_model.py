@@ -1,7 +1,10 @@
-"""GPU benchmark of the Wan 2.1 model: one block and one whole forward, against diffusers.
+"""GPU benchmark of the Wan model: one block and one whole forward, against diffusers.
 
-Real-size 1.3B and 14B configs with random bf16 weights (initialised on the GPU), 81 frames at
-480p (32,760 tokens) and 720p (75,600 tokens), 512 text tokens, SDPA. Prints a table and writes
+Real-size configs with random bf16 weights (initialised on the GPU), 512 text tokens, SDPA: Wan 2.1
+1.3B and 14B at 81 frames, 480p (32,760 tokens) and 720p (75,600 tokens); Wan 2.2 TI2V-5B at its
+720p (1280x704, 121 frames: 31 latent frames of 44x80 in the Wan 2.2 VAE, 27,280 tokens), once with
+one timestep (t2v) and once with per-token timesteps (`5B_720p-i2v`: the first latent frame's tokens
+at t = 0, as image-to-video runs). Prints a table and writes
 JSON to $OUT (or ./benchmarks/out) as model.json. Run it in the same call as
 ../shared/reference/wan_block_reference.py (copied into a carried folder) so both come from one card.
 
@@ -20,9 +23,11 @@ from wanvideo.modules import model as model_module  # noqa: E402
 from wanvideo.modules.model import WanModel  # noqa: E402
 
 SIZES = {"1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-         "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)}
+         "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+         "5B": dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, model_type="ti2v", in_dim=48, out_dim=48)}
 RESOLUTIONS = {"480p": (60, 104), "720p": (90, 160)}  # latent height, width (pixels / 8)
 LATENT_FRAMES = 21  # 81 video frames
+WAN22_VAE_LATENTS = {"720p": (31, 44, 80)}  # TI2V-5B: 121 frames at 1280x704, 4x temporal and 16x spatial
 
 
 FUSED = (model_module.fused_norm_and_rope, model_module.fused_modulate, model_module.fused_gated_residual)
@@ -56,7 +61,7 @@ def random_init_(module, std=0.02):
 
 
 def build_ours(size, device="cuda", dtype=torch.bfloat16, layers=None):
-    config = dict(SIZES[size], model_type="t2v", in_dim=16)
+    config = dict(dict(model_type="t2v", in_dim=16), **SIZES[size])
     if layers is not None:
         config["num_layers"] = layers
     with torch.device("meta"):
@@ -72,8 +77,9 @@ def build_diffusers(size, device="cuda", dtype=torch.bfloat16):
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = WanTransformer3DModel(num_attention_heads=s["num_heads"], attention_head_dim=128, in_channels=16,
-                                          out_channels=16, ffn_dim=s["ffn_dim"], num_layers=s["num_layers"])
+            model = WanTransformer3DModel(num_attention_heads=s["num_heads"], attention_head_dim=128,
+                                          in_channels=s.get("in_dim", 16), out_channels=s.get("out_dim", 16),
+                                          ffn_dim=s["ffn_dim"], num_layers=s["num_layers"])
     finally:
         torch.set_default_dtype(previous)
     return random_init_(model).eval().requires_grad_(False)
@@ -88,18 +94,21 @@ def forward_flops(config, tokens, text_tokens=512):
     return layers * per_block
 
 
-def bench_case(size, resolution, use_diffusers, results, blocks_only=False):
-    h, w = RESOLUTIONS[resolution]
-    tokens = LATENT_FRAMES * (h // 2) * (w // 2)
-    name = f"{size}_{resolution}"
+def bench_case(size, resolution, use_diffusers, results, blocks_only=False, per_token_t=False):
+    frames, h, w = WAN22_VAE_LATENTS[resolution] if size == "5B" else (LATENT_FRAMES, *RESOLUTIONS[resolution])
+    tokens = frames * (h // 2) * (w // 2)
+    name = f"{size}_{resolution}" + ("-i2v" if per_token_t else "")
     row = {"case": name, "tokens": tokens}
     torch.manual_seed(0)
-    x = [torch.randn(16, LATENT_FRAMES, h, w, device="cuda")]
+    config = dict(SIZES[size])
+    x = [torch.randn(config.get("in_dim", 16), frames, h, w, device="cuda")]
     t = torch.tensor([500.0], device="cuda")
+    if per_token_t:  # [B, seq_len]: the clean first latent frame's tokens at t = 0
+        t = torch.full((1, tokens), 500.0, device="cuda")
+        t[:, :tokens // frames] = 0
     context = [torch.randn(512, 4096, device="cuda")]
 
     model = build_ours(size)
-    config = dict(SIZES[size])
     with torch.inference_mode():
         tok, ctx, e, grid = model.embed(x, t, context)
         block = model.blocks[0]
@@ -148,15 +157,16 @@ def bench_case(size, resolution, use_diffusers, results, blocks_only=False):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="1.3B_480p,14B_480p,14B_720p")
+    parser.add_argument("--cases", default="1.3B_480p,14B_480p,14B_720p",
+                        help="size_resolution[-i2v], comma-separated (e.g. 5B_720p,5B_720p-i2v)")
     parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' model")
     parser.add_argument("--blocks-only", action="store_true", help="time one block only (fused and eager)")
     args = parser.parse_args()
     results = []
     start = time.time()
     for case in args.cases.split(","):
-        size, resolution = case.split("_")
-        bench_case(size, resolution, not args.no_diffusers, results, args.blocks_only)
+        size, resolution = case.removesuffix("-i2v").split("_")
+        bench_case(size, resolution, not args.no_diffusers, results, args.blocks_only, case.endswith("-i2v"))
     out = os.environ.get("OUT", "benchmarks/out")
     os.makedirs(out, exist_ok=True)
     info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "seconds": time.time() - start}

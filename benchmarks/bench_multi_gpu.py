@@ -13,6 +13,16 @@ included). Writes multi_gpu.json and multi_gpu.png to $OUT.
         # distributed x2 with shard_weights 'on' next to 'off' (step time, peak memory per GPU, same output),
         # and a group of one on one GPU with sharding on and off (must give the same output)
     python benchmarks/bench_multi_gpu.py --dry-run         # tiny model on CPU devices (gloo): checks the script
+
+A PROJECTION of 2, 4 and 8 GPUs from one GPU (benchmarks/projection.py: rank 0's share of the work
+timed through the real distributed code with local stand-ins for the collectives, plus the bytes of
+every collective over NVLink 4 / PCIe 5.0 / PCIe 4.0): projection.json, projection.png and a Markdown
+table labelled 'projection (not measured)', with measured figures and the projection's error beside it:
+
+    python benchmarks/bench_multi_gpu.py --project --measured benchmarks/raw/2026-11-29_h200x2_720p_multi_gpu.json \\
+        benchmarks/raw/2026-11-29_h200x2_remeasure_multi_gpu.json     # one GPU, about 2 minutes on an H200
+    python benchmarks/bench_multi_gpu.py --project --dry-run   # tiny model on the CPU in seconds
+    (2026-11-29_h200x2_480p_multi_gpu.json adds 1.3B 480p cfg 1, measured against an eager baseline: RESULTS.md (*))
 """
 import argparse
 import json
@@ -139,8 +149,15 @@ def chart(rows, path):
 
 
 def main():
+    if "--project" in sys.argv[1:]:  # the projection has options of its own (projection.py)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from projection import main as project
+        project([a for a in sys.argv[1:] if a != "--project"])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU devices: checks the script")
+    parser.add_argument("--project", action="store_true",
+                        help="the one-GPU projection of 2, 4 and 8 GPUs instead (options: projection.py --help)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--cases", default="14B_720p,14B_720p_cfg1,1.3B_480p,1.3B_480p_cfg1,14B_480p,14B_480p_cfg1")
     args = parser.parse_args()

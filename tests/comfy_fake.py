@@ -118,7 +118,7 @@ def _model_management():
             mm.current_loaded_models.insert(0, entry)
 
     def unload_all_models():
-        free_memory(1e30, get_torch_device())
+        free_memory(1e30, mm.get_torch_device())  # looked up on the module, as ComfyUI's global lookup is
 
     def cleanup_models():
         mm.current_loaded_models[:] = [m for m in mm.current_loaded_models

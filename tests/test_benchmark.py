@@ -188,3 +188,223 @@ def test_an_output_dir_that_is_a_file_fails_before_the_benchmark(tiny_checkpoint
     with pytest.raises(ValueError, match="output_dir .*results.txt' is a file: give a folder"):
         bench.benchmark_multi_gpu_performance(tiny_checkpoints["t2v"][0], configs=["single_device"], devices="cpu",
                                               output_dir=target, **SMALL)
+
+
+# --- the one-GPU projection of multi-GPU step time (issue 13, item 6) ---------------------------
+
+def _projection_module():
+    import importlib
+    import sys
+    from pathlib import Path
+    folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("projection")
+
+
+@pytest.fixture(scope="module")
+def dry_projection(tmp_path_factory):
+    """`bench_multi_gpu.py --project --dry-run` once (tiny model, CPU), with a measured file beside it."""
+    import contextlib
+    import io
+    import os
+    projection = _projection_module()
+    out = tmp_path_factory.mktemp("projection")
+    measured = out / "measured.json"
+    measured.write_text(json.dumps({"results": [
+        {"config": "tiny_cfg5 1 GPU", "gpus": 1, "cfg": 5.0, "step_s": 0.010},
+        {"config": "tiny_cfg5 distributed x2", "gpus": 2, "cfg": 5.0, "step_s": 0.005}]}))
+    previous = os.environ.get("OUT")
+    os.environ["OUT"] = str(out)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            rows = projection.main(["--dry-run", "--measured", str(measured)])
+    finally:
+        os.environ.pop("OUT") if previous is None else os.environ.__setitem__("OUT", previous)
+    return projection, rows, printed.getvalue(), out
+
+
+def test_projection_dry_run_writes_a_labelled_table_json_and_chart(dry_projection):
+    projection, rows, printed, out = dry_projection
+    assert "projection (not measured)" in printed
+    table = [line for line in printed.splitlines() if line.startswith("| tiny_")]
+    assert len(table) == len(rows) == 2 * 3 * 2  # 2 cases x (2, 4, 8) GPUs x (whole, sharded)
+    assert {(r["case"], r["gpus"], r["shard_weights"]) for r in rows} == {
+        (c, n, s) for c in ("tiny_cfg5", "tiny_cfg1") for n in (2, 4, 8) for s in (False, True)}
+    # the measured 2-GPU figure and the projection's error stand beside the projected row
+    (row,) = [line for line in table if line.startswith("| tiny_cfg5 | 2 |") and "| whole |" in line]
+    assert "distributed 0.005 s (2.00x over its 1 GPU 0.010 s; measured.json): projection" in row and "% s/step" in row
+    saved = json.loads((out / "projection.json").read_text())
+    assert saved["info"]["label"] == "projection (not measured)" and len(saved["results"]) == len(rows)
+    assert saved["measured"]["tiny_cfg5 x2"][0]["speedup"] == pytest.approx(2.0)
+    assert (out / "projection.png").read_bytes()[:4] == b"\x89PNG"
+    for r in rows:  # every projected step is the timed compute plus every byte over the link
+        assert r["compute_s"] > 0 and r["one_gpu_s"] > 0
+        for link, spec in projection.LINKS.items():
+            link_s = sum(c["link_bytes"] for c in r["collectives"].values()) / (spec["effective_GBps"] * 1e9)
+            assert r["links"][link]["step_s"] == pytest.approx(r["compute_s"] + link_s, rel=1e-12)
+        assert (projection.FSDP_GATHER in r["collectives"]) == r["shard_weights"]
+
+
+def _closed_form_link_bytes(config, tokens, degrees, cfg, shard, element=4):
+    """Bytes one rank moves per step, from the shapes alone (the math the projection must follow)."""
+    import math
+    from projection import fsdp_gather_bytes
+    sp, u, r = degrees.sequence, degrees.ulysses, degrees.ring
+    shard_len = -(-tokens // sp)
+    heads = -(-config["num_heads"] // u) * u
+    head_dim = config["dim"] // config["num_heads"]
+    forwards = 2 if cfg != 1 and degrees.cfg == 1 else 1
+    per_block = ((u - 1) / u * 4 * shard_len * heads * head_dim * element          # q,k,v packed + output back
+                 + (r - 1) * 2 * shard_len * heads * head_dim * element)          # k,v around the ring
+    per_forward = config["num_layers"] * per_block
+    if sp > 1:
+        per_forward += (sp - 1) * shard_len * 64 * element                       # the head's output gathered
+        per_forward += (sp - 1) * shard_len if shard_len * sp != tokens else 0     # the key mask (uint8)
+    total = forwards * per_forward
+    if degrees.cfg == 2:
+        total += math.prod((16, 3, 6, 8)) * 4                                     # the guided branch exchanged
+    world = degrees.world_size
+    total += 2 * 4 * (world - 1) / world                                          # the interrupt all-reduce
+    if shard:
+        total += forwards * (world - 1) * fsdp_gather_bytes(config, world, torch.float32)
+    return total
+
+
+def test_projected_bytes_follow_the_math_and_the_time_falls_only_where_it_should(dry_projection):
+    projection, rows, _, _ = dry_projection
+    from wanvideo.parallel.distributed.topology import choose_degrees
+    config = dict(model_type="t2v", in_dim=16, **projection.SIZES["tiny"])
+    by_key = {}
+    for r in rows:
+        degrees = choose_degrees(r["gpus"], config["num_heads"], use_cfg=r["cfg"] != 1)
+        counted = sum(c["link_bytes"] for c in r["collectives"].values())
+        assert counted == pytest.approx(_closed_form_link_bytes(config, r["tokens"], degrees, r["cfg"],
+                                                                r["shard_weights"]), rel=1e-9), r
+        by_key[r["case"], r["gpus"], r["shard_weights"]] = r
+    # Ulysses' all-to-all shrinks with the shard (cfg 1: ulysses 2 at 2, 4 and 8 GPUs, the ring grows);
+    # the head's gather and the weight gathers grow with N towards the whole tensor
+    def volume(n, name, shard=False):
+        return by_key["tiny_cfg1", n, shard]["collectives"].get(name, {}).get("link_bytes", 0)
+    assert volume(2, "all_to_all_single") > volume(4, "all_to_all_single") > volume(8, "all_to_all_single")
+    assert volume(2, "batch_isend_irecv") == 0 < volume(4, "batch_isend_irecv") < volume(8, "batch_isend_irecv")
+    assert volume(2, "fsdp_all_gather", True) < volume(4, "fsdp_all_gather", True) < volume(8, "fsdp_all_gather", True)
+    # Time: with compute that halves per doubling, an ideal link makes every layout faster with N; a slow
+    # link makes a layout faster only where its bytes per rank fall (here: none of the sharded ones)
+    ideal, slow = {"ideal": dict(effective_GBps=1e12)}, {"slow": dict(effective_GBps=1e-6)}
+    for case in ("tiny_cfg5", "tiny_cfg1"):
+        for shard in (False, True):
+            steps = {}
+            for link in (ideal, slow):
+                name = next(iter(link))
+                steps[name] = [projection.project(dict(by_key[case, n, shard], compute_s=1.0 / n), 1.0, link)[name]
+                               ["step_s"] for n in (2, 4, 8)]
+            assert steps["ideal"][0] > steps["ideal"][1] > steps["ideal"][2]
+            link_bytes = [sum(c["link_bytes"] for c in by_key[case, n, shard]["collectives"].values())
+                          for n in (2, 4, 8)]
+            for i in range(2):
+                assert (steps["slow"][i + 1] < steps["slow"][i]) == (link_bytes[i + 1] < link_bytes[i])
+            if shard:
+                assert steps["slow"][0] < steps["slow"][1] < steps["slow"][2]
+
+
+# The stand-ins' byte counts against real gloo ranks: the collectives counted through wrappers
+
+LAYOUTS = [((2, 2, 1), 5.0, False), ((1, 2, 2), 1.0, False), ((2, 1, 2), 5.0, True)]  # (cfg, ulysses, ring), cfg, shard
+
+
+def _counting_wrappers(log, dist):
+    """torch.distributed's collectives in this process log (name, bytes sent, group size)."""
+    fsdp = {"all_gather_single", "all_gather_into_tensor"}
+    size = lambda group: dist.get_world_size(group)
+    originals = {}
+
+    def wrap(name, sent_of):
+        original = originals[name] = getattr(dist, name)
+
+        def counting(*args, **kwargs):
+            if name == "batch_isend_irecv":
+                for op in args[0]:
+                    if op.op is dist.isend:
+                        log.append((name, op.tensor.numel() * op.tensor.element_size(), size(op.group)))
+            else:
+                sent = sent_of(args, kwargs)
+                log.append(("fsdp_all_gather" if name in fsdp else name, sent.numel() * sent.element_size(),
+                            size(kwargs.get("group"))))
+            return original(*args, **kwargs)
+        setattr(dist, name, counting)
+
+    second = lambda key: (lambda args, kwargs: args[1] if len(args) > 1 else kwargs[key])
+    wrap("all_to_all_single", second("input"))
+    wrap("all_gather", second("tensor"))
+    for name in fsdp:
+        if hasattr(dist, name):
+            wrap(name, second("input_tensor"))
+    wrap("all_reduce", lambda args, kwargs: args[0])
+    wrap("batch_isend_irecv", None)
+    return originals
+
+
+def _counting_rank(rank, world_size, port, out_folder):
+    import os
+    import torch.distributed as dist
+    projection = _projection_module()
+    from wanvideo.parallel.distributed.cfg_parallel import GuidedVelocityModel
+    from wanvideo.parallel.distributed.sequence_parallel import apply_sequence_parallel
+    from wanvideo.parallel.distributed.sharding import _shard
+    from wanvideo.parallel.distributed.topology import ParallelDegrees, ParallelGroups
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    config = dict(model_type="t2v", in_dim=16, **projection.SIZES["tiny"])
+    results = []
+    for (cfg_degree, ulysses, ring), cfg, shard in LAYOUTS:
+        work = projection.Workload(config, (16, 3, 6, 8), 512, cfg, torch.device("cpu"), torch.float32)
+        model = projection.build_blocks_model(config, config["num_layers"], work.device, work.dtype)
+        if shard:
+            _shard(model, work.device, prefetch=True)
+        groups = ParallelGroups(ParallelDegrees(cfg_degree, ulysses, ring))
+        apply_sequence_parallel(model, groups)
+        x, t, positive, negative = projection._inputs(work)
+        guided = GuidedVelocityModel(model, groups, negative, cfg)
+        log = []
+        with torch.no_grad():
+            guided(x, t, positive)  # a first step: any one-off collective stays out of the count
+            originals = _counting_wrappers(log, dist)
+            guided(x, t, positive)
+            dist.all_reduce(torch.zeros(1, dtype=torch.int32), op=dist.ReduceOp.MAX)  # WorkerSession.any_rank
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        results.append(projection.summarize(log))
+    with open(os.path.join(out_folder, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def test_stand_in_bytes_per_collective_equal_a_counted_run_of_real_gloo_ranks(tmp_path):
+    import torch.multiprocessing as torch_mp
+    from conftest import free_port
+    projection = _projection_module()
+    from wanvideo.parallel.distributed.topology import ParallelDegrees
+    world = 4
+    torch_mp.start_processes(_counting_rank, args=(world, free_port(), str(tmp_path)), nprocs=world,
+                             start_method="fork")
+    counted = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world)]
+    config = dict(model_type="t2v", in_dim=16, **projection.SIZES["tiny"])
+    with projection.StandInCollectives() as stand_ins, projection.world_of_one(torch.device("cpu")):
+        for index, ((cfg_degree, ulysses, ring), cfg, shard) in enumerate(LAYOUTS):
+            degrees = ParallelDegrees(cfg_degree, ulysses, ring)
+            work = projection.Workload(config, (16, 3, 6, 8), 512, cfg, torch.device("cpu"), torch.float32)
+            for rank in range(world):  # every rank's share, the whole model, counted by the stand-ins
+                _, mine = projection.rank_step(work, degrees, config["num_layers"], False, stand_ins, rank=rank,
+                                               iters=0)
+                real = {k: v for k, v in counted[rank][index].items() if k != projection.FSDP_GATHER}
+                assert {k: (v["calls"], v["bytes"]) for k, v in mine.items()} == \
+                    {k: (v["calls"], v["bytes"]) for k, v in real.items()}, (degrees, rank)
+                assert all(mine[k]["link_bytes"] == pytest.approx(real[k]["link_bytes"]) for k in real)
+            # rank 0 as the projection reports it: two block counts extrapolated, FSDP's gathers from the shapes
+            measured = projection.measure_rank(work, degrees, shard, (1, 2), 1, stand_ins)["collectives"]
+            real = counted[0][index]
+            assert {k: (v["calls"], v["bytes"]) for k, v in measured.items()} == \
+                {k: (v["calls"], v["bytes"]) for k, v in real.items()}, degrees
+            assert (projection.FSDP_GATHER in real) == shard

@@ -243,3 +243,27 @@ def test_the_main_device_gets_a_sentinel_when_unload_all_frees_only_it(comfyui, 
         [("cpu", True), ("cpu:7", False)]
     model_management.unload_all_models()
     assert pipeline.is_aside
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_unload_models_returns_the_gpu_to_where_it_was(comfyui, monkeypatch):
+    """On a GPU, ComfyUI's "Unload Models" after a run leaves exactly what a first load-run-unload
+    cycle left (the allocator's own workspaces): nothing of the model, its cache or its swap slots."""
+    model_management, package = comfyui
+    monkeypatch.setattr(model_management, "get_torch_device", lambda: GPU)
+    monkeypatch.setattr(package.comfy_host, "main_device", lambda: GPU)
+    loader = package.NODE_CLASS_MAPPINGS["WanMultiGPUModelLoader"]()
+
+    def load_run_unload():
+        (pipeline,) = loader.load("wan_tiny_t2v.safetensors", "fp32", "disabled", "main_device", "sdpa")
+        sample(package, pipeline)
+        held = torch.cuda.memory_allocated(GPU)
+        model_management.unload_all_models()
+        assert pipeline.is_aside
+        gc.collect()
+        torch.cuda.synchronize(GPU)
+        return held, torch.cuda.memory_allocated(GPU)
+
+    _, baseline = load_run_unload()  # the first run also creates cuBLAS' workspaces, which stay
+    held, after = load_run_unload()
+    assert held > baseline and after == baseline

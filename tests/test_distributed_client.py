@@ -1,10 +1,11 @@
 """The spawned worker group's client and lifetimes, on CPU worker processes (gloo) and a tiny
 model: workers load through the one load sequence (LoRAs merged); a run started right after Ctrl-C
 is not held up by the cancelled one, and a group whose processes fail to start part-way leaves no
-worker waiting for its peers (issue 14, item 6).
+worker waiting for its peers (issue 14, item 6). Start-up (issue 13, item 5): every phase is timed
+and reported, restarts fork from the preloaded forkserver, a group of one GPU skips NCCL.
 """
-import multiprocessing.context
 import os
+import sys
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 from wanvideo.checkpoint import load_wan_model
 from wanvideo.parallel.distributed import DistributedWanRunner, ParallelDegrees, WorkerGroupError
+from wanvideo.parallel.distributed import workers
 from wanvideo.pipeline import LoadSettings, load_prepared_model
 from wanvideo.sampling.loop import Conditioning, sample_video
 from wanvideo.tiny import make_tiny_checkpoint
@@ -99,7 +101,8 @@ def test_a_run_right_after_ctrl_c_is_not_held_up_by_the_cancelled_one(t2v_two_ra
 def test_a_worker_that_fails_to_start_stops_the_ones_already_started(tmp_path, monkeypatch):
     path, _, _ = make_tiny_checkpoint(tmp_path / "t2v.safetensors", "t2v")
     started = []
-    real_start = multiprocessing.context.SpawnProcess.start
+    process_class = workers.worker_context().Process  # the forkserver's on Linux, spawn's elsewhere
+    real_start = process_class.start
 
     def start_one_then_fail(process):
         if started:
@@ -107,7 +110,7 @@ def test_a_worker_that_fails_to_start_stops_the_ones_already_started(tmp_path, m
         real_start(process)
         started.append(process)
 
-    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start_one_then_fail)
+    monkeypatch.setattr(process_class, "start", start_one_then_fail)
     runner = DistributedWanRunner(path, [CPU] * 4, base_precision="fp32")
     try:
         began = time.monotonic()
@@ -123,3 +126,62 @@ def test_a_worker_that_fails_to_start_stops_the_ones_already_started(tmp_path, m
             if process.is_alive():
                 process.kill()
                 process.join(5)
+
+
+# --- start-up: timed by phase, workers forked from a preloaded forkserver (issue 13, item 5) ------
+
+def _parent_pid(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_start_up_is_timed_by_phase_and_restarts_fork_from_the_forkserver(tmp_path):
+    path, _, _ = make_tiny_checkpoint(tmp_path / "t2v.safetensors", "t2v", dim=96, num_heads=3)
+    x, positive, negative = _inputs(12)
+    with DistributedWanRunner(path, [CPU] * 2, base_precision="fp32") as runner:
+        for start in ("first", "restart"):
+            began = time.time()
+            runner.start()
+            wall = time.time() - began
+            seconds = runner.startup_seconds
+            assert set(seconds) == set(workers.STARTUP_PHASES) | {"until_ready"}, (start, seconds)
+            assert all(seconds[phase] > 0 for phase in workers.STARTUP_PHASES), (start, seconds)
+            # Consecutive phases of the slowest rank, inside what the parent waited.
+            assert sum(seconds[phase] for phase in workers.STARTUP_PHASES) <= seconds["until_ready"] <= wall
+            runner.sample(x, positive, negative, steps=2, cfg=4.0)
+            assert 0 < runner.startup_seconds["first_step"] < wall + 60, (start, runner.startup_seconds)
+            first_step = runner.startup_seconds["first_step"]
+            runner.forward(x, torch.tensor([500.0]), positive)  # later requests do not overwrite it
+            assert runner.startup_seconds["first_step"] == first_step
+            if workers.worker_context().get_start_method() == "forkserver":
+                parents = {_parent_pid(p.pid) for p in runner._group.processes}
+                assert len(parents) == 1 and os.getpid() not in parents  # forked by the forkserver
+            runner.shutdown()
+            assert runner.startup_seconds is not None  # the figures outlive the group, for reports
+
+
+def test_a_group_of_one_gpu_skips_nccl_unless_its_weights_are_sharded():
+    gpu = [torch.device("cuda", 0)]
+    assert workers._backend(gpu, shard_weights=False) == "gloo"
+    assert workers._backend(gpu, shard_weights=True) == "nccl"  # FSDP gathers GPU tensors even over one rank
+    assert workers._backend(gpu + [torch.device("cuda", 1)], shard_weights=False) == "nccl"
+    assert workers._backend([CPU, CPU], shard_weights=True) == "gloo"
+
+
+def test_a_worker_takes_the_parents_environment_of_the_group_start(monkeypatch):
+    """A forkserver child inherits the forkserver's environment, which may be older than the parent's."""
+    monkeypatch.setenv("WAN_TEST_STALE", "1")
+    monkeypatch.setenv("WAN_TEST_CHANGED", "old")
+    parent = {k: v for k, v in os.environ.items() if k != "WAN_TEST_STALE"}
+    parent["WAN_TEST_CHANGED"] = "new"
+    workers._adopt_environment(parent)
+    assert "WAN_TEST_STALE" not in os.environ and os.environ["WAN_TEST_CHANGED"] == "new"
+    assert dict(os.environ) == parent
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, from importing its compiler
+def test_gpu_workers_import_the_compiler_before_their_first_request():
+    assert workers._import_compiler(CPU) is None  # nothing is compiled for CPU tensors
+    seconds = workers._import_compiler(torch.device("cuda", 0))  # imports only: no GPU needed
+    assert seconds is not None and seconds >= 0
+    assert "torch._inductor.compile_fx" in sys.modules

@@ -1,5 +1,6 @@
 """The README's main command, example_multi_gpu_usage.py: defaults, one-line errors, and the .latent it
-writes (the file ComfyUI's LoadLatent opens), all on CPU with the built-in tiny model."""
+writes (the file ComfyUI's LoadLatent opens), all on CPU with the built-in tiny models (Wan 2.1, and
+with --tiny the Wan 2.2 TI2V-5B shape and an A14B expert pair)."""
 import pytest
 import torch
 from safetensors import safe_open
@@ -8,7 +9,10 @@ from safetensors.torch import save_file
 import example_multi_gpu_usage as example
 from conftest import run_main
 from wanvideo import api
-from wanvideo.latent_format import denormalize_latents, save_comfy_latent
+from wanvideo.latent_format import WAN22, denormalize_latents, save_comfy_latent
+from wanvideo.parallel import experts as placed_experts
+from wanvideo.sampling.experts import HIGH_NOISE, LOW_NOISE
+from wanvideo.tiny import make_tiny_checkpoint
 
 
 def run_example(argv, capsys):
@@ -64,6 +68,82 @@ def test_save_comfy_latent_round_trip(tmp_path):
     assert torch.allclose(stored[:, 7], latents[:, 7].float() * 2.0743 + 1.5508, atol=1e-5)
     with pytest.raises(ValueError, match=r"\[B, 16, T, H, W\]"):
         save_comfy_latent(tmp_path / "bad.latent", torch.zeros(1, 4, 8, 8))
+    # the Wan 2.2 VAE's 48 channels: denormalised with its own statistics
+    wan22 = torch.randn(1, 48, 2, 3, 4, generator=torch.Generator().manual_seed(1))
+    with safe_open(str(save_comfy_latent(tmp_path / "wan22.latent", wan22)), framework="pt") as f:
+        stored = f.get_tensor("latent_tensor")
+    assert torch.allclose(stored[:, 5], wan22[:, 5] * WAN22.std[5] + WAN22.mean[5], atol=1e-5)
+
+
+def read_latent(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("latent_tensor")
+
+
+def test_tiny_ti2v_5b_runs_in_the_wan22_latent_space(tmp_path, capsys, monkeypatch):
+    loaded = []
+    real_load = api.load
+    monkeypatch.setattr(api, "load",
+                        lambda path, *args, **kwargs: loaded.append(path) or real_load(path, *args, **kwargs))
+    code, out, err = run_example(["--tiny", "wan2.2-ti2v-5b", "--steps", "2", "--output", str(tmp_path)], capsys)
+    assert code == 0, err
+    info = api.inspect_checkpoint(loaded[0])  # the model that ran: 48 channels in and out, Wan 2.2
+    assert (info.config["in_dim"], info.config["out_dim"], info.family) == (48, 48, "2.2")
+    assert "Wan 2.2 TI2V" in out and "Wan22 latent [1, 48, 3, 4, 6]" in out and "wan2.2_vae.safetensors" in out
+    # 96x64 pixels, 9 frames through the Wan 2.2 VAE's 4x16x16: 48 x 3 x 4 x 6, raw (denormalised) latents
+    assert read_latent(tmp_path / example.LATENT_NAME).shape == (1, 48, 3, 64 // 16, 96 // 16)
+
+
+def official_switch_step(steps, shift, boundary):
+    """The first low-noise step of the official Wan 2.2 loop, written out here: timesteps on
+    linspace(1 - 1/1000, 0) shifted by `shift`, high-noise while int(t) >= boundary * 1000."""
+    for i in range(steps):
+        sigma = (1 - 1 / 1000) * (1 - i / steps)
+        sigma = shift * sigma / (1 + (shift - 1) * sigma)
+        if int(sigma * 1000) < boundary * 1000:
+            return i
+    return None
+
+
+@pytest.fixture()
+def expert_per_step(monkeypatch):
+    """The expert each step of an A14B pair's run got from the pair (spied on the placed pair)."""
+    record = []
+    real = placed_experts._PlacedPair.before_step
+
+    def before_step(self, step_index, sigmas):
+        denoiser = real(self, step_index, sigmas)
+        record.append(next(name for name, expert in self.experts.items() if expert is denoiser))
+        return denoiser
+    monkeypatch.setattr(placed_experts._PlacedPair, "before_step", before_step)
+    return record
+
+
+def test_tiny_a14b_pair_switches_experts_at_the_boundary(tmp_path, capsys, expert_per_step):
+    code, out, err = run_example(["--tiny", "wan2.2-t2v-a14b", "--output", str(tmp_path / "official")], capsys)
+    assert code == 0, err
+    switch = official_switch_step(8, 12.0, 0.875)  # T2V-A14B: shift 12, boundary 0.875; 8 tiny steps
+    assert switch == 6 and expert_per_step == [HIGH_NOISE] * switch + [LOW_NOISE] * (8 - switch)
+    assert "high-noise + low-noise experts, boundary 0.875" in out
+    assert "high-noise steps 0-5" in out and "low-noise steps 6-7" in out and "cfg 4 high-noise, 3 low-noise" in out
+    official = read_latent(tmp_path / "official" / example.LATENT_NAME)
+    assert official.shape == (1, 16, 3, 6, 8)
+    # --boundary reaches the sampler: at 0.95 the low-noise expert (other weights) takes over earlier
+    expert_per_step.clear()
+    code, out, err = run_example(["--tiny", "wan2.2-t2v-a14b", "--boundary", "0.95", "--output",
+                                  str(tmp_path / "early")], capsys)
+    assert code == 0, err
+    switch = official_switch_step(8, 12.0, 0.95)
+    assert 0 < switch < 6 and expert_per_step == [HIGH_NOISE] * switch + [LOW_NOISE] * (8 - switch)
+    assert not torch.allclose(read_latent(tmp_path / "early" / example.LATENT_NAME), official)
+
+
+def test_a_checkpoints_own_size_rule_is_applied_once_its_header_is_read(tmp_path, capsys, record_load):
+    path, _, _ = make_tiny_checkpoint(tmp_path / "wan2.2_tiny_ti2v_5B.safetensors", "ti2v", text_dim=4096)
+    code, _, err = run_example(["--model", str(path), "--width", "80", "--height", "64", "--frames", "9",
+                                "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "width=80 is not valid" in err and "multiple of 32" in err, err
+    assert not record_load
 
 
 @pytest.fixture()
@@ -105,6 +185,15 @@ BAD_INPUTS = [
     (["--text-embeddings", "{a_file}"], "SafetensorError"),
     (["--output", "{a_file}"], "is a file: give a folder"),
     (["--model", "{good}"], "not a Wan"),
+    (["--tiny", "wan3"], "--tiny", "invalid choice"),
+    (["--tiny", "wan2.1-t2v", "--model", "{good}"], "--model", "--tiny", "not both"),
+    (["--low-noise-model", "{good}"], "--low-noise-model needs --model"),
+    (["--boundary", "0.5"], "--boundary applies to a Wan 2.2 A14B expert pair"),
+    (["--tiny", "wan2.2-ti2v-5b", "--cfg-low-noise", "3"], "--cfg-low-noise applies to a Wan 2.2 A14B expert pair"),
+    (["--boundary", "x"], "--boundary", "invalid float value"),
+    (["--tiny", "wan2.2-t2v-a14b", "--boundary", "1.5"], "--boundary 1.5 is not in (0, 1)"),
+    (["--tiny", "wan2.2-t2v-a14b", "--cfg-low-noise", "0.5"], "--cfg-low-noise: cfg must be", "0.5"),
+    (["--tiny", "wan2.2-ti2v-5b", "--width", "80"], "width=80 is not valid", "multiple of 32"),
 ]
 
 

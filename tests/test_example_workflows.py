@@ -36,11 +36,54 @@ CORE_SIGNATURES = {
     "SaveAnimatedWEBP": ({"images": "IMAGE", "filename_prefix": "STRING", "fps": "FLOAT", "lossless": "BOOLEAN",
                           "quality": "INT", "method": "COMBO"}, []),
     "LoadImage": ({"image": "COMBO"}, ["IMAGE", "MASK"]),
+    "Wan22ImageToVideoLatent": ({"vae": "VAE", "width": "INT", "height": "INT", "length": "INT", "batch_size": "INT",
+                                 "start_image": "IMAGE"}, ["LATENT"]),
 }
 UPLOAD_WIDGETS = {("LoadImage", "image")}
-# Files the examples name must be those ComfyUI's Wan 2.1 guide tells users to download.
-EXPECTED_FILES = {"CLIPLoader": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "VAELoader": "wan_2.1_vae.safetensors",
-                  "CLIPVisionLoader": "clip_vision_h.safetensors"}
+UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN21_VAE, WAN22_VAE = "wan_2.1_vae.safetensors", "wan2.2_vae.safetensors"
+# Per workflow: the files it names (ComfyUI's Wan 2.1 / 2.2 guides' downloads) as (node type, input) -> value,
+# and the sampler, latent and save settings of the official configs (Wan 2.1 generate.py; Wan 2.2
+# wan/configs: ti2v_5B 1280x704, 121 frames at 24 fps, 50 steps, shift 5, cfg 5; t2v_A14B 40 steps,
+# shift 12, boundary 0.875, guide scales 4.0 high / 3.0 low; i2v_A14B shift 5, boundary 0.900, 3.5 / 3.5;
+# A14B 81 frames at 16 fps). boundary 0 / cfg_low_noise -1 on a single model: the inputs do not apply.
+EXPECTED = {
+    "wan_t2v_multi_gpu.json": dict(
+        files={("WanVideoMultiGPULoader", "model"): "wan2.1_t2v_14B_bf16.safetensors",
+               ("WanVideoMultiGPULoader", "low_noise_model"): "none", ("VAELoader", "vae_name"): WAN21_VAE},
+        sampler=dict(width=832, height=480, num_frames=81, steps=30, cfg=5.0, shift=5.0, boundary=0.0,
+                     cfg_low_noise=-1.0), fps=16.0),
+    "wan_i2v_multi_gpu.json": dict(
+        files={("WanVideoMultiGPULoader", "model"): "wan2.1_i2v_480p_14B_bf16.safetensors",
+               ("WanVideoMultiGPULoader", "low_noise_model"): "none", ("VAELoader", "vae_name"): WAN21_VAE,
+               ("CLIPVisionLoader", "clip_name"): "clip_vision_h.safetensors"},
+        sampler=dict(width=832, height=480, num_frames=81, steps=30, cfg=5.0, shift=3.0, boundary=0.0,
+                     cfg_low_noise=-1.0), fps=16.0, latent_node="WanImageToVideo"),
+    "wan22_ti2v_5B_t2v.json": dict(
+        files={("WanVideoMultiGPULoader", "model"): "wan2.2_ti2v_5B_fp16.safetensors",
+               ("WanVideoMultiGPULoader", "low_noise_model"): "none", ("VAELoader", "vae_name"): WAN22_VAE},
+        sampler=dict(width=1280, height=704, num_frames=121, steps=50, cfg=5.0, shift=5.0, boundary=0.0,
+                     cfg_low_noise=-1.0), fps=24.0),
+    "wan22_ti2v_5B_i2v.json": dict(
+        files={("WanVideoMultiGPULoader", "model"): "wan2.2_ti2v_5B_fp16.safetensors",
+               ("WanVideoMultiGPULoader", "low_noise_model"): "none", ("VAELoader", "vae_name"): WAN22_VAE},
+        sampler=dict(width=1280, height=704, num_frames=121, steps=50, cfg=5.0, shift=5.0, boundary=0.0,
+                     cfg_low_noise=-1.0), fps=24.0, latent_node="Wan22ImageToVideoLatent"),
+    "wan22_a14b_t2v.json": dict(
+        files={("WanVideoMultiGPULoader", "model"): "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+               ("WanVideoMultiGPULoader", "low_noise_model"): "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
+               ("VAELoader", "vae_name"): WAN21_VAE},
+        sampler=dict(width=1280, height=720, num_frames=81, steps=40, cfg=4.0, shift=12.0, boundary=0.875,
+                     cfg_low_noise=3.0), fps=16.0),
+    "wan22_a14b_i2v.json": dict(
+        files={("WanVideoMultiGPULoader", "model"): "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors",
+               ("WanVideoMultiGPULoader", "low_noise_model"): "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors",
+               ("VAELoader", "vae_name"): WAN21_VAE},
+        sampler=dict(width=1280, height=720, num_frames=81, steps=40, cfg=3.5, shift=5.0, boundary=0.9,
+                     cfg_low_noise=3.5), fps=16.0, latent_node="WanImageToVideo"),
+}
+# Every workflow encodes its prompts with ComfyUI's umT5-XXL (CLIPLoader type wan).
+COMMON_FILES = {("CLIPLoader", "clip_name"): UMT5}
 
 
 def _kind(spec):
@@ -80,6 +123,8 @@ def check_widget_value(node_type, name, spec, value):
         choices = spec[0]
         if name in ("model", "lora"):  # file lists depend on the user's folders
             assert isinstance(value, str) and value.endswith(".safetensors"), where
+        elif name == "low_noise_model":  # 'none' (one model) or the low-noise expert's file
+            assert value == "none" or (isinstance(value, str) and value.endswith(".safetensors")), where
         else:
             assert value in choices, f"{where} is not one of {choices}"
     elif kind == "BOOLEAN":
@@ -94,12 +139,87 @@ def check_widget_value(node_type, name, spec, value):
 
 
 @pytest.fixture(params=WORKFLOWS, ids=lambda p: p.name)
-def workflow(request):
-    return json.loads(request.param.read_text())
+def workflow_path(request):
+    return request.param
+
+
+@pytest.fixture()
+def workflow(workflow_path):
+    return json.loads(workflow_path.read_text())
+
+
+def linked_inputs(node):
+    return {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+
+
+def widget_values_by_name(node):
+    """{input name: stored value} of a node's widgets (frontend-only values left out)."""
+    inputs, _ = signature(node["type"])
+    slots = expected_widget_values(node["type"], inputs, linked_inputs(node))
+    return {name: value for (name, spec), value in zip(slots, node.get("widgets_values") or [])
+            if name not in ("control_after_generate", "upload")}
+
+
+def nodes_of(workflow, node_type):
+    return [node for node in workflow["nodes"] if node["type"] == node_type]
+
+
+def source_of(workflow, node, input_name):
+    """The node whose output feeds `input_name` of `node` (None when the input is open)."""
+    link_id = next(i["link"] for i in node["inputs"] if i["name"] == input_name)
+    if link_id is None:
+        return None
+    source = next(link[1] for link in workflow["links"] if link[0] == link_id)
+    return next(n for n in workflow["nodes"] if n["id"] == source)
 
 
 def test_examples_are_present():
-    assert {p.name for p in WORKFLOWS} >= {"wan_t2v_multi_gpu.json", "wan_i2v_multi_gpu.json"}
+    """Every workflow has its expectations below, and every expected workflow is there."""
+    assert {p.name for p in WORKFLOWS} == set(EXPECTED)
+
+
+def test_files_and_settings_are_the_official_ones(workflow_path, workflow):
+    expected = EXPECTED[workflow_path.name]
+    for (node_type, input_name), value in {**COMMON_FILES, **expected["files"]}.items():
+        found = [widget_values_by_name(node)[input_name] for node in nodes_of(workflow, node_type)]
+        assert found == [value], f"{workflow_path.name}: {node_type}.{input_name} is {found}, expected {value!r}"
+    (sampler,) = nodes_of(workflow, "WanMultiGPUSampler")
+    settings = widget_values_by_name(sampler)
+    assert {name: settings[name] for name in expected["sampler"]} == expected["sampler"], workflow_path.name
+    # the loader plans its memory for the size the sampler makes
+    (loader,) = nodes_of(workflow, "WanVideoMultiGPULoader")
+    planned = widget_values_by_name(loader)
+    assert (planned["width"], planned["height"], planned["num_frames"]) == (
+        settings["width"], settings["height"], settings["num_frames"])
+    (save,) = nodes_of(workflow, "SaveAnimatedWEBP")
+    assert widget_values_by_name(save)["fps"] == expected["fps"]
+    # the VAE that decodes is the one the file table names for the model
+    (decode,) = nodes_of(workflow, "VAEDecode")
+    assert source_of(workflow, decode, "vae")["type"] == "VAELoader"
+    assert source_of(workflow, decode, "samples") is sampler
+
+
+def test_image_to_video_feeds_the_sampler_at_its_size(workflow_path, workflow):
+    """The i2v examples' latent node makes the video the sampler is set for, from the loaded image;
+    Wan 2.2 image-to-video uses no CLIP vision (the A14B i2v experts have no image embedding)."""
+    latent_node = EXPECTED[workflow_path.name].get("latent_node")
+    (sampler,) = nodes_of(workflow, "WanMultiGPUSampler")
+    source = source_of(workflow, sampler, "latent")
+    if latent_node is None:
+        assert source is None and not nodes_of(workflow, "LoadImage"), workflow_path.name
+        return
+    assert source["type"] == latent_node
+    size = widget_values_by_name(source)
+    settings = widget_values_by_name(sampler)
+    assert (size["width"], size["height"], size["length"], size["batch_size"]) == (
+        settings["width"], settings["height"], settings["num_frames"], 1)
+    assert source_of(workflow, source, "start_image")["type"] == "LoadImage"
+    if latent_node == "WanImageToVideo":  # its conditioning carries the image latents to the sampler
+        assert source_of(workflow, sampler, "positive") is source and source_of(workflow, sampler, "negative") is source
+    if workflow_path.name.startswith("wan22_"):
+        assert not nodes_of(workflow, "CLIPVisionLoader")
+        if latent_node == "WanImageToVideo":
+            assert source_of(workflow, source, "clip_vision_output") is None
 
 
 def test_every_node_type_is_known(workflow):
@@ -124,8 +244,6 @@ def test_widget_values_match_inputs(workflow):
                 assert value in CONTROL_AFTER_GENERATE, (node["type"], value)
             elif spec is not None:
                 check_widget_value(node["type"], name, spec, value)
-        if node["type"] in EXPECTED_FILES:
-            assert values[0] == EXPECTED_FILES[node["type"]], (node["type"], values[0])
 
 
 def test_node_slots_match_declarations(workflow):

@@ -104,13 +104,111 @@ def test_get_available_gpus_counts_torch_devices(monkeypatch):
     assert gpus.get_available_gpus() == [0, 1, 2]
 
 
+# --- links (issue 13 item 3) --------------------------------------------------------------------
+
+def test_links_are_classified_with_an_estimated_bandwidth(fake_nvml):
+    """NVML 0-1 NVLink, 0-2 PCIe P2P, 1-2 nothing (through host memory); all Gen5 x16, H100-class."""
+    by_index = {g["index"]: g for g in gpus.get_gpu_info()}
+    nvlink = lambda to: dict(to=to, kind="nvlink", gb_per_s=450.0)
+    assert by_index[0]["links"] == [nvlink(1), dict(to=2, kind="pcie_p2p", gb_per_s=50.4)]
+    assert by_index[1]["links"] == [nvlink(0), dict(to=2, kind="pcie_host", gb_per_s=25.2)]
+    assert by_index[2]["links"][1] == dict(to=1, kind="pcie_host", gb_per_s=25.2)
+    assert all(g["torch_peers"] is None for g in by_index.values())  # CUDA not initialised: torch not asked
+
+
+def test_torch_peer_access_is_asked_once_cuda_is_initialised(fake_nvml, monkeypatch):
+    """torch's answer wins over NVML's: 0 -> 2 has NVML P2P but torch says no (host memory then);
+    1 -> 2 has none in NVML but torch says yes."""
+    allowed = {(0, 1), (1, 0), (1, 2), (2, 1)}
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: asked.append((a, b)) or (a, b) in allowed)
+    by_index = {g["index"]: g for g in gpus.get_gpu_info()}
+    assert asked and by_index[0]["torch_peers"] == [1] and by_index[1]["torch_peers"] == [0, 2]
+    kinds = {(g["index"], link["to"]): link["kind"] for g in by_index.values() for link in g["links"]}
+    assert kinds[(0, 2)] == "pcie_host" and kinds[(1, 2)] == "pcie_p2p" and kinds[(0, 1)] == "nvlink"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    asked.clear()
+    assert gpus.get_gpu_info()[0]["torch_peers"] is None and not asked  # never initialises CUDA itself
+
+
+def test_link_rates_follow_the_documented_table():
+    from wanvideo.gpus import links
+    assert links.pcie_gb_per_s(4, 16) == (pytest.approx(25.2, abs=0.05), False)
+    assert links.pcie_gb_per_s(5, 16) == (pytest.approx(50.4, abs=0.05), False)
+    assert links.pcie_gb_per_s(3, 8)[0] == pytest.approx(6.3, abs=0.05)
+    assert links.pcie_gb_per_s(None, None) == (pytest.approx(25.2, abs=0.05), True)   # not reported: Gen4 x16
+    assert links.nvlink_gb_per_s((9, 0)) == 450.0 and links.nvlink_gb_per_s((8, 0)) == 300.0
+    a = dict(index=0, peers=[], pcie_generation=4, pcie_width=16)
+    b = dict(index=1, peers=[], pcie_generation=5, pcie_width=8)
+    link = links.link_between(a, b)
+    assert link.kind == "pcie_host" and link.gb_per_s == pytest.approx(12.6, abs=0.05)  # half the slower link
+    assert "without peer access" in link.description and "host memory" in link.description
+    assert links.link_between(dict(a, peers=[1]), b).kind == "pcie_p2p"
+    assert links.link_between(dict(a, nvlink_peers=[1], compute_capability=(9, 0)),
+                              dict(b, compute_capability=(9, 0))).gb_per_s == 450.0
+    assert links.link_between(dict(index=0), b) is None   # the inventory says nothing
+    assert links.slowest_link([dict(a, peers=[1, 2]), dict(b, peers=[0]), dict(index=2, peers=[0])]).kind == "pcie_host"
+
+
+# --- speed probe (issue 13 item 4) ---------------------------------------------------------------
+
+def test_given_speeds_are_used_and_checked():
+    from wanvideo.gpus import speed
+    given = [dict(index=0, name="A", relative_speed=2.0), dict(index=1, name="B", relative_speed=1.0)]
+    assert speed.relative_speeds(given) == ({0: 1.0, 1: 0.5}, "given")
+    with pytest.raises(ValueError, match=r"GPU 1: relative_speed=-1 is not a positive number"):
+        speed.relative_speeds([dict(index=0, relative_speed=1.0), dict(index=1, relative_speed=-1)])
+
+
+def test_one_gpu_model_is_not_probed_and_a_cpu_only_machine_never_probes(monkeypatch):
+    from wanvideo.gpus import speed
+    def refuse(index):
+        raise AssertionError("probed")
+    same = [dict(index=0, name="RTX 4090"), dict(index=1, name="RTX 4090")]
+    assert speed.relative_speeds(same, probe=refuse) == ({0: 1.0, 1: 1.0}, "same model")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mixed = [dict(index=0, name="RTX 4090"), dict(index=1, name="RTX 3090")]
+    assert speed.relative_speeds(mixed) == ({0: 1.0, 1: 1.0}, "not measured")
+
+
+def test_mixed_gpus_are_probed_once_and_the_figures_cached(tmp_path):
+    from wanvideo.gpus import speed
+    speed.clear_speed_cache()
+    cache = tmp_path / "speeds" / "gpu_speed.json"
+    calls = []
+    figures = {0: 160.0, 1: 80.0}
+    probe = lambda index: calls.append(index) or figures[index]
+    mixed = [dict(index=0, name="RTX 4090", uuid="GPU-a"), dict(index=1, name="RTX 3090", uuid="GPU-b")]
+    assert speed.relative_speeds(mixed, probe=probe, cache_path=str(cache)) == ({0: 1.0, 1: 0.5}, "measured")
+    assert sorted(calls) == [0, 1] and json.loads(cache.read_text()) == {"GPU-a": 160.0, "GPU-b": 80.0}
+    assert speed.relative_speeds(mixed, probe=probe, cache_path=str(cache))[0] == {0: 1.0, 1: 0.5}
+    assert len(calls) == 2                    # in memory
+    speed.clear_speed_cache()                 # a new process: the file answers
+    assert speed.relative_speeds(mixed, probe=probe, cache_path=str(cache))[0] == {0: 1.0, 1: 0.5}
+    assert len(calls) == 2
+    speed.clear_speed_cache()
+
+
+def test_the_speed_cache_file_follows_the_environment(monkeypatch, tmp_path):
+    from wanvideo.gpus import speed
+    monkeypatch.delenv("WANVIDEO_GPU_SPEED_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert speed.default_cache_path() == str(tmp_path / "wanvideo-multigpu" / "gpu_speed.json")
+    monkeypatch.setenv("WANVIDEO_GPU_SPEED_CACHE", str(tmp_path / "mine.json"))
+    assert speed.default_cache_path() == str(tmp_path / "mine.json")
+
+
 # --- status table --------------------------------------------------------------------------------
 
 def test_print_gpu_status_shows_one_row_per_gpu(fake_nvml, capsys):
     gpus.print_gpu_status()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["GPU", "Name"] and len(lines) == 4
-    assert "1.0 / 80.0 GiB" in lines[1] and "NVLink 1; P2P 2" in lines[1] and "Gen5 x16" in lines[1]
+    assert "1.0 / 80.0 GiB" in lines[1] and "Gen5 x16" in lines[1]
+    assert "NVLink 1 (450 GB/s); P2P 2 (50 GB/s)" in lines[1]
+    assert lines[0].split()[-1] == "Links" and "NVLink 0 (450 GB/s); host 2 (25 GB/s)" in lines[2]
     assert "RTX A6000" in lines[3] and "20%" in lines[3] and "32C" in lines[3] and "72 W" in lines[3]
 
 
@@ -277,7 +375,8 @@ def test_monitor_rejects_a_bad_interval():
 def test_the_gpus_package_imports_only_devices_and_libraries():
     """The GPU floor sits below the pipeline and the strategies: any other wanvideo import (or a
     top-level module of the pack) would be an import reaching up."""
-    allowed_libraries = {"contextlib", "functools", "logging", "os", "re", "statistics", "sys", "threading", "time",
+    allowed_libraries = {"contextlib", "functools", "json", "logging", "os", "re", "statistics", "sys", "threading",
+                         "time",
                          "dataclasses", "typing", "torch", "pynvml", "matplotlib"}
     for path in pathlib.Path(gpus.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -17,7 +17,7 @@ def test_the_documented_names_are_the_package_objects():
     import wanvideo.gpus
     import wanvideo.parallel.auto
     homes = {"parse_gpu_ids": wanvideo.devices, "get_optimal_gpu_config": wanvideo.parallel.auto,
-             "setup_optimal_parallelism": wanvideo.parallel.auto}
+             "setup_optimal_parallelism": wanvideo.parallel.auto, "validate_model_setup": wanvideo.parallel.auto}
     homes.update({name: wanvideo.gpus for name in ("get_gpu_info", "get_available_gpus", "format_gpu_status",
                                                    "print_gpu_status", "validate_gpu_setup", "monitor_memory_usage",
                                                    "MemoryUsageReport")})
@@ -89,6 +89,82 @@ def test_cli_benchmark_on_cpu(tiny_checkpoints, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "single_device" in out and "1.00x" in out
     assert (tmp_path / "benchmark_results.json").exists()
+
+
+# --- Wan 2.2: the A14B expert pair and the TI2V-5B (issue 12 item 5) --------------------------------
+
+A14B = dict(model_type="t2v", in_dim=16, out_dim=16, text_dim=4096, freq_dim=256, dim=5120, ffn_dim=13824,
+            num_heads=40, num_layers=40)
+TI2V_5B = dict(model_type="ti2v", in_dim=48, out_dim=48, text_dim=4096, freq_dim=256, dim=3072, ffn_dim=14336,
+               num_heads=24, num_layers=30)
+
+
+@pytest.fixture(scope="module")
+def wan22(tmp_path_factory):
+    """Header-only files of the real Wan 2.2 sizes, named as ComfyUI's repackaged files are."""
+    from wanvideo.tiny import make_header_only_checkpoint
+    folder = tmp_path_factory.mktemp("wan22")
+    return {name: str(make_header_only_checkpoint(folder / f"{name}.safetensors", config)) for name, config in (
+        ("wan2.2_t2v_high_noise_14B_bf16", A14B), ("wan2.2_t2v_low_noise_14B_bf16", A14B),
+        ("wan2.2_ti2v_5B_fp16", TI2V_5B))}
+
+
+def test_recommend_plans_the_expert_pair(wan22, fake_nvml, monkeypatch, capsys):
+    """Through the CLI on the fake machine: two 80 GB GPUs hold both experts (53 GiB) each, so the
+    pair runs as two worker groups over both; an 80 GB and a 48 GB GPU do not, so each expert gets
+    its own GPU (the experts' own 'auto', experts.pair_placement)."""
+    high, low = wan22["wan2.2_t2v_high_noise_14B_bf16"], wan22["wan2.2_t2v_low_noise_14B_bf16"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert mgu.main(["recommend", high, "--low-noise-model", low, "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["parallelism_type"] == "distributed" and config["gpu_ids"] == [0, 1]
+    assert config["reason"].startswith("Wan 2.2 T2V A14B high-noise + low-noise experts, placed distributed")
+    assert config["low_noise_model"] == low and set(config["experts"]) == {"high_noise", "low_noise"}
+    assert config["cfg_degree"] == 2 and "NVLink" in config["reason"]
+    assert config["estimated_memory_per_gpu"][0] > 2 * 26 * 2**30  # both experts on every GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    assert mgu.main(["recommend", high, "--low-noise-model", low]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["parallelism_type", "expert_parallel"]
+    assert "high-noise expert:" in out and "low-noise expert:" in out
+    assert "each expert on its half of the GPUs" in out
+
+
+def test_the_pair_plan_places_each_expert_by_the_planner(wan22):
+    high, low = wan22["wan2.2_t2v_high_noise_14B_bf16"], wan22["wan2.2_t2v_low_noise_14B_bf16"]
+    two = mgu.get_optimal_gpu_config(high, gpus=inventory(24, 24), low_noise_model=low)
+    assert two["parallelism_type"] == "expert_parallel" and two["gpu_ids"] == [0, 1]
+    assert two["experts"]["high_noise"]["gpu_ids"] == [0] and two["experts"]["low_noise"]["gpu_ids"] == [1]
+    assert two["experts"]["high_noise"]["blocks_to_swap"] > 0   # a 14B expert on 24 GB swaps blocks
+    one = mgu.get_optimal_gpu_config(high, gpus=inventory(24), low_noise_model=low)
+    assert one["parallelism_type"] == "none" and "idle expert rests in pinned host memory" in one["reason"]
+    with pytest.raises(ValueError, match="look swapped"):
+        mgu.get_optimal_gpu_config(low, gpus=inventory(24), low_noise_model=high)
+    with pytest.raises(ValueError, match="are not two experts of one model"):
+        mgu.get_optimal_gpu_config(high, gpus=inventory(24), low_noise_model=wan22["wan2.2_ti2v_5B_fp16"])
+
+
+def test_recommend_sizes_the_5b_with_its_own_vae(wan22, fake_nvml, monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    argv = ["recommend", wan22["wan2.2_ti2v_5B_fp16"], "--width", "1280", "--height", "704", "--frames", "121",
+            "--json"]
+    assert mgu.main(argv) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["reason"].startswith("Wan 2.2 TI2V 5B in bf16")
+    assert "27280 tokens (1280x704, 121 frames)" in config["reason"]
+
+
+def test_validate_checks_a_model_or_a_pair_on_the_given_gpus(wan22, fake_nvml, capsys):
+    high, low = wan22["wan2.2_t2v_high_noise_14B_bf16"], wan22["wan2.2_t2v_low_noise_14B_bf16"]
+    assert mgu.main(["validate", "0", "--model", high, "--low-noise-model", low]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK: 1 GPU ready") and "Wan 2.2 T2V A14B high-noise + low-noise experts" in out
+    code, _, err = run_cli(["validate", "0", "--model", low, "--low-noise-model", high], capsys)
+    assert_one_line_error(code, err, "look swapped")
+    code, _, err = run_cli(["validate", "0", "--low-noise-model", low], capsys)
+    assert_one_line_error(code, err, "--low-noise-model needs --model")
+    ok, message = mgu.validate_model_setup([0], high, gpus=inventory(8), width=1280, height=720)
+    assert not ok and "does not fit: GPU 0" in message and "fp8" in message
 
 
 # --- errors: one line on stderr, exit status 2 (issue 14, item 11) -------------------------------

@@ -128,6 +128,27 @@ def test_ulysses_degree_divides_the_heads_and_ring_takes_the_rest(world, heads, 
     assert ulysses * ring == world and heads % ulysses == 0
 
 
+def test_ti2v_5b_tokens_and_activations_use_the_wan22_vae(tmp_path):
+    """Issue 12 item 5: the 5B's Wan 2.2 VAE packs 16x16 pixels (48 channels): 1280x704, 121 frames is
+    31 x 22 x 40 = 27,280 tokens (the Wan 2.1 VAE's 8x would make it 4x as many), and the plan's
+    activations and reason use that count and the model's name."""
+    config = dict(model_type="ti2v", in_dim=48, out_dim=48, text_dim=4096, freq_dim=256, dim=3072, ffn_dim=14336,
+                  num_heads=24, num_layers=30)
+    info = inspect_checkpoint(str(make_header_only_checkpoint(tmp_path / "wan2.2_ti2v_5B_fp16.safetensors", config)))
+    assert info.vae_stride == (4, 16, 16) and info.latent_channels == 48
+    assert latent_token_count(1280, 704, 121, vae_stride=info.vae_stride) == 27280
+    assert latent_token_count(1280, 704, 121) == 4 * 27280  # what the Wan 2.1 stride would have said
+    footprint = ModelFootprint(info)
+    assert footprint.description == "Wan 2.2 TI2V 5B"
+    assert footprint.head_bytes == (3072 * 4 * 48 + 4 * 48 + 2 * 3072) * 2   # the 48-channel head
+    gpus = inventory(80)
+    plan_ = plan_parallelism(info, gpus, width=1280, height=704, num_frames=121)
+    assert plan_["parallelism_type"] == "none"
+    activations = footprint.activation_bytes(27280, 2)
+    assert plan_["estimated_memory_per_gpu"] == [estimate_single_gpu_bytes(footprint, activations)]
+    assert "Wan 2.2 TI2V 5B in bf16" in plan_["reason"] and "27280 tokens (1280x704, 121 frames)" in plan_["reason"]
+
+
 # --- the documented scenarios ----------------------------------------------------------------------
 
 def test_14b_bf16_runs_on_one_80gb_gpu_without_swap(real_size):
@@ -271,18 +292,107 @@ def test_gpus_without_peer_access_are_named_in_the_reason(real_size):
     assert "without peer access" in config["reason"]
 
 
-def test_pcie_without_peer_access_prefers_data_parallel_over_wide_ulysses(real_size):
-    """Issue 13 item 3: the same 8 GPUs with NVLink/P2P run sequence parallel on all 8; over PCIe
-    without peer access the CFG branches go data parallel on 2 (no exchange inside a step)."""
-    linked = plan_parallelism(real_size["14B"], inventory(*[80] * 8))
-    assert linked["parallelism_type"] == "distributed" and len(linked["gpu_ids"]) == 8
-    gpus = inventory(*[80] * 8, peers=False)
+def linked(gpus, kind, generation=4):
+    """Set the links of an inventory: 'host' (PCIe without peer access), 'p2p' or 'nvlink' (H100-class)."""
     for gpu in gpus:
-        gpu.update(pcie_generation=4, pcie_width=16, nvlink_peers=[])
-    config = plan_parallelism(real_size["14B"], gpus)
-    assert config["parallelism_type"] == "data_parallel" and len(config["gpu_ids"]) == 2
+        others = [g["index"] for g in gpus if g is not gpu]
+        gpu.update(pcie_generation=generation, pcie_width=16, compute_capability=(9, 0),
+                   peers=[] if kind == "host" else others, nvlink_peers=others if kind == "nvlink" else [])
+    return gpus
+
+
+def test_pcie_without_peer_access_prefers_cfg_parallel_over_ulysses(real_size):
+    """Issue 13 item 3: 14B, 832x480, 33 frames with CFG on 4 GPUs. Over NVLink, CFG groups x Ulysses 2
+    on all 4 (about 0.64 s per step by the estimate); over PCIe Gen4 through host memory the all-to-alls
+    (5.4 GiB per GPU and step at about 13 GB/s) eat the gain, so the branches go side by side on 2 GPUs."""
+    workload = dict(num_frames=33)
+    nvlink = plan_parallelism(real_size["14B"], linked(inventory(*[80] * 4), "nvlink"), **workload)
+    assert nvlink["parallelism_type"] == "distributed" and len(nvlink["gpu_ids"]) == 4
+    assert (nvlink["cfg_degree"], nvlink["ulysses_degree"]) == (2, 2)
+    assert "Link assumed: NVLink (about 450 GB/s per direction)" in nvlink["reason"]
+    host = plan_parallelism(real_size["14B"], linked(inventory(*[80] * 4), "host"), **workload)
+    assert host["parallelism_type"] == "data_parallel" and len(host["gpu_ids"]) == 2
+    assert "CFG parallel" in host["reason"] and "Sequence parallelism on 4 GPUs was not chosen" in host["reason"]
+    assert "PCIe Gen4 x16 without peer access, through host memory (about 13 GB/s" in host["reason"]
+
+
+def test_two_pcie_host_cards_with_cfg_run_the_branches_side_by_side(real_size):
+    """Two cards without peer access, cfg > 1: each branch on its own card (CFG parallel in one
+    process), not Ulysses x 2, and the reason names the link it weighed."""
+    config = plan_parallelism(real_size["1.3B"], linked(inventory(24, 24), "host"))
+    assert config["parallelism_type"] == "data_parallel" and config["gpu_ids"] == [0, 1]
+    assert config["ulysses_degree"] == 1 and "CFG parallel" in config["reason"]
+    assert "Sequence parallelism on 2 GPUs was not chosen" in config["reason"]
     assert "PCIe Gen4 x16 without peer access" in config["reason"]
-    assert "all-to-all in every block" in config["reason"] and "host memory" in config["reason"]
+
+
+def test_wide_sequence_parallelism_still_wins_where_compute_dominates(real_size):
+    """81 frames of 14B on 8 GPUs through host memory: the estimate (1.05 s of compute + 0.80 s of
+    exchange against 4.2 s for the two CFG branches side by side) keeps sequence parallel, and the
+    reason states the link and the exchange."""
+    config = plan_parallelism(real_size["14B"], linked(inventory(*[80] * 8), "host"))
+    assert config["parallelism_type"] == "distributed" and len(config["gpu_ids"]) == 8
+    assert "GiB of exchange per GPU over PCIe Gen4 x16 without peer access" in config["reason"]
+    assert "Link assumed: PCIe Gen4 x16 without peer access" in config["reason"]
+
+
+def test_sharded_weights_gathered_over_a_slow_link_lose_to_block_distribution(real_size):
+    """14B on two 24 GB cards, a short clip without CFG: little compute per step, so gathering 13 GiB
+    of weights per forward over PCIe through host memory costs more than block distribution's turns;
+    over NVLink the gather is cheap and sharding wins."""
+    workload = dict(num_frames=17, cfg=False)
+    host = plan_parallelism(real_size["14B"], linked(inventory(24, 24), "host"), **workload)
+    assert host["parallelism_type"] == "block_distribution" and host["shard_weights"] == "off"
+    assert "Sharding the weights over 2 GPUs (distributed) was not chosen" in host["reason"]
+    assert "weight gather" in host["reason"] and "without peer access" in host["reason"]
+    nvlink = plan_parallelism(real_size["14B"], linked(inventory(24, 24), "nvlink"), **workload)
+    assert nvlink["parallelism_type"] == "distributed" and nvlink["shard_weights"] == "on"
+    assert "Block distribution over 2 GPUs would take" in nvlink["reason"] and "NVLink" in nvlink["reason"]
+
+
+def speeds(gpus, *values):
+    for gpu, value in zip(gpus, values):
+        gpu["relative_speed"] = value
+    return gpus
+
+
+def test_unlike_gpus_split_the_blocks_by_speed(real_size):
+    """Issue 13 item 4: two 24 GB cards, the second half as fast: a 2:1 block split (27 + 13 of 40),
+    where equal cards split 20 + 20."""
+    workload = dict(num_frames=17, cfg=False, shard_weights="off")
+    equal = plan_parallelism(real_size["14B"], inventory(24, 24), **workload)
+    assert equal["parallelism_type"] == "block_distribution" and equal["blocks_per_gpu"] == [20, 20]
+    mixed = plan_parallelism(real_size["14B"], speeds(inventory(24, 24), 1.0, 0.5), **workload)
+    assert mixed["parallelism_type"] == "block_distribution" and mixed["blocks_per_gpu"] == [27, 13]
+    assert "times its relative speed" in mixed["reason"]
+    assert "Relative speeds (as given in the inventory): GPU 0 1.00, GPU 1 0.50" in mixed["reason"]
+    slow_first = plan_parallelism(real_size["14B"], speeds(inventory(24, 24), 0.5, 1.0), **workload)
+    assert slow_first["blocks_per_gpu"] == [13, 27]
+
+
+def test_a_slow_gpu_that_would_hold_the_others_back_is_left_out(real_size):
+    """Item shares and token shards are equal, so a group runs at its slowest member's pace: with
+    1.0 and 0.4 the two CFG branches run faster both on the fast card than one on each; with 1.0
+    and 0.8 side by side still wins; a 0.3 card among four stays out of the sequence shards."""
+    slow = plan_parallelism(real_size["1.3B"], speeds(inventory(24, 24), 0.4, 1.0))
+    assert slow["parallelism_type"] == "none" and slow["gpu_ids"] == [1]
+    assert "the slowest GPU sets the pace" in slow["reason"]
+    close = plan_parallelism(real_size["1.3B"], speeds(inventory(24, 24), 1.0, 0.8))
+    assert close["parallelism_type"] == "data_parallel" and close["gpu_ids"] == [0, 1]
+    four = plan_parallelism(real_size["1.3B"], speeds(inventory(*[80] * 4), 1.0, 1.0, 1.0, 0.3), cfg=False)
+    assert four["parallelism_type"] == "distributed" and four["gpu_ids"] == [0, 1, 2]
+    assert four["ulysses_degree"] * four["ring_degree"] == 3
+
+
+def test_speeds_are_measured_only_for_unlike_gpus(real_size, monkeypatch):
+    """The planner asks wanvideo.gpus.speed, which probes only an inventory mixing GPU models."""
+    from wanvideo.parallel import plan as plan_module
+    asked = []
+    monkeypatch.setattr(plan_module, "relative_speeds",
+                        lambda gpus: asked.append(gpus) or ({0: 1.0, 1: 0.5}, "measured"))
+    config = plan_parallelism(real_size["14B"], inventory(24, 24), num_frames=17, cfg=False, shard_weights="off")
+    assert asked and config["blocks_per_gpu"] == [27, 13]
+    assert "measured with a bf16 matmul probe" in config["reason"]
 
 
 def test_no_nccl_keeps_auto_in_process_and_says_why(real_size, monkeypatch):

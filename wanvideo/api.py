@@ -24,9 +24,9 @@ from .parallel.plan import activation_reserve_bytes
 from .parallel.distributed.sharding import SHARD_WEIGHTS_CHOICES
 from .pipeline import LoadSettings, WanPipeline, load_pipeline
 from .quantization import QUANTIZATION_MODES
-from .sampling import SCHEDULERS, Conditioning, Inpaint, make_noise
+from .sampling import SCHEDULERS, Conditioning, Inpaint, flow_sigmas, make_noise
 from .sampling.loop import check_inputs
-from .tiny import make_tiny_checkpoint
+from .tiny import make_tiny_checkpoint, make_tiny_expert_pair
 
 BASE_PRECISIONS = tuple(BASE_DTYPES)                  # 'fp32', 'bf16', 'fp16'
 PARALLELISM_CHOICES = ("auto",) + PARALLELISM_TYPES   # what the Multi-GPU loader offers
@@ -41,7 +41,8 @@ __all__ = ["load", "LoadSettings", "BlockSwapSettings", "WanPipeline", "Conditio
            "save_preview_animation", "save_comfy_latent",
            "check_video_size", "check_inputs", "check_devices_available", "parse_gpu_ids",
            "inspect_checkpoint",
-           "CheckpointError", "make_tiny_checkpoint", "validate_gpu_setup", "print_gpu_status",
+           "CheckpointError", "make_tiny_checkpoint", "make_tiny_expert_pair", "flow_sigmas", "validate_gpu_setup",
+           "print_gpu_status",
            "monitor_memory_usage", "memory_per_device", "run_activation_bytes", "ExpertPairPipeline", "load_expert_pair",
            "IDLE_EXPERT_CHOICES"]
 

@@ -205,7 +205,7 @@ def read_safetensors_header(path):
     return header, metadata
 
 
-def _open(path):
+def open_checkpoint(path):
     """safe_open (memory-mapped) with errors that say what to do."""
     read_safetensors_header(path)
     try:
@@ -300,7 +300,7 @@ def inspect_checkpoint(path):
         expert=expert)
 
 
-def _check_keys(info, expected_keys):
+def check_keys(info, expected_keys):
     found = {k for k in info.keys if not k.endswith(SCALE_SUFFIXES)}
     expected_keys = {k for k in expected_keys if not k.endswith(SCALE_SUFFIXES)}
     missing = sorted(set(expected_keys) - found)
@@ -366,14 +366,14 @@ def load_wan_model(path, device="cpu", base_precision="bf16", quantization="disa
     path, dtype, device = os.fspath(path), resolve_dtype(base_precision), torch.device(device)
     info = info or inspect_checkpoint(path)
     model = build_meta_model(info.config, quantization)
-    _check_keys(info, model.state_dict().keys())
+    check_keys(info, model.state_dict().keys())
     fp8_dtype = FP8_DTYPES.get(quantization)
     fp8_modules = {name for name, m in model.named_modules() if hasattr(m, "scale_weight")}
     key_set = set(info.keys)
 
     state, target = {}, device
     try:
-        with _open(path) as f:
+        with open_checkpoint(path) as f:
             for key in model.state_dict().keys():
                 module_name = key.rpartition(".")[0]
                 if key.endswith(".scale_weight"):

@@ -187,14 +187,17 @@ COMFY_LATENT_MARKER = "latent_format_version_0"
 
 
 def save_comfy_latent(path, latents):
-    """Write model-space latents [B, 16, T, H, W] as a ComfyUI .latent file that LoadLatent opens
-    (put it in ComfyUI's input folder): raw VAE latents in float32, as SaveLatent stores them, so
-    LoadLatent -> VAEDecode gives the video. Returns `path`."""
+    """Write model-space latents [B, 16 or 48, T, H, W] (the Wan 2.1 or Wan 2.2 VAE's space, told by the
+    channels) as a ComfyUI .latent file that LoadLatent opens (put it in ComfyUI's input folder): raw VAE
+    latents in float32, as SaveLatent stores them, so LoadLatent -> VAEDecode (with that VAE) gives the
+    video. Returns `path`."""
     from safetensors.torch import save_file
-    if latents.dim() != 5 or latents.shape[1] != LATENT_CHANNELS:
+    channels = {fmt.channels for fmt in LATENT_FORMATS.values()}
+    if latents.dim() != 5 or latents.shape[1] not in channels:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; a Wan video latent is [B, {LATENT_CHANNELS}, "
-                         "T, H, W].")
-    raw = denormalize_latents(latents.detach().float().cpu()).contiguous()
+                         "T, H, W] (Wan 2.1 VAE) or [B, 48, T, H, W] (Wan 2.2 VAE).")
+    fmt = latent_format_for(latents.shape[1])
+    raw = denormalize_latents(latents.detach().float().cpu(), fmt).contiguous()
     save_file({COMFY_LATENT_KEY: raw, COMFY_LATENT_MARKER: torch.tensor([])}, str(path),
-              metadata={"format": "ComfyUI LATENT (raw Wan 2.1 VAE latents)"})
+              metadata={"format": f"ComfyUI LATENT (raw {fmt.name} VAE latents)"})
     return path

@@ -15,7 +15,7 @@ from .block_swap import ALIGNMENT, _HostBuffer, _round_up, _typed_view
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParkedTensors", "holds_device_memory", "park_tensors"]
+__all__ = ["ParkedTensors", "copy_to_host", "holds_device_memory", "park_tensors"]
 
 
 def holds_device_memory(tensor):
@@ -24,23 +24,33 @@ def holds_device_memory(tensor):
     return tensor.device.type != "cpu"
 
 
+def copy_to_host(tensors, device):
+    """Copy `tensors` (all on `device`) into one host buffer, page-locked for a CUDA device, each at
+    an aligned offset as block swap lays out its blocks -> (the buffer, one typed view per tensor).
+    The copies are synchronous: the device storage may be freed right after."""
+    offsets, offset = [], 0
+    for tensor in tensors:
+        offset = _round_up(offset, ALIGNMENT)
+        offsets.append(offset)
+        offset += tensor.numel() * tensor.element_size()
+    host = _HostBuffer(offset, torch.device(device))
+    views = [_typed_view(host.tensor, start, t.dtype, tuple(t.shape)) for t, start in zip(tensors, offsets)]
+    with torch.no_grad():
+        for tensor, view in zip(tensors, views):
+            view.copy_(tensor.detach())
+    return host, views
+
+
 class ParkedTensors:
     """Tensors of one device parked in one host buffer; restore() brings them back."""
 
     def __init__(self, tensors, device):
         self.device = torch.device(device)
-        self.tensors, self.entries, offset = list(tensors), [], 0
-        for tensor in self.tensors:
-            offset = _round_up(offset, ALIGNMENT)
-            self.entries.append((offset, tensor.dtype, tuple(tensor.shape)))
-            offset += tensor.numel() * tensor.element_size()
-        self.nbytes = offset
-        self.host = _HostBuffer(offset, self.device)
-        views = [_typed_view(self.host.tensor, *entry) for entry in self.entries]
-        with torch.no_grad():
-            for tensor, view in zip(self.tensors, views):
-                view.copy_(tensor.detach())  # synchronous: the device storage may go right after
-                tensor.data = view
+        self.tensors = list(tensors)
+        self.host, views = copy_to_host(self.tensors, self.device)
+        self.nbytes = sum(view.numel() * view.element_size() for view in views)
+        for tensor, view in zip(self.tensors, views):
+            tensor.data = view
 
     def restore(self):
         """Upload every tensor to its device again and free the host buffer. On out of memory the

@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from .links import add_links
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["GIB", "get_available_gpus", "get_gpu_info", "format_gpu_status", "print_gpu_status"]
@@ -191,6 +193,22 @@ def _add_peers(nvml, gpus):
                 gpu["peers"].append(other["index"])
 
 
+def _add_torch_peers(gpus, ask=None):
+    """Fill 'torch_peers': the torch indices torch.cuda.can_device_access_peer says each GPU can reach
+    directly, or None when torch was not asked. It is asked only when CUDA is already initialised in
+    this process (ask=None), since asking initialises it; ask=True asks anyway."""
+    asked = ask if ask is not None else (torch.cuda.is_available() and torch.cuda.is_initialized())
+    for gpu in gpus:
+        gpu["torch_peers"] = None
+        if not asked:
+            continue
+        try:
+            gpu["torch_peers"] = [other["index"] for other in gpus if other is not gpu
+                                  and torch.cuda.can_device_access_peer(gpu["index"], other["index"])]
+        except Exception as error:  # a device torch cannot open: say nothing rather than fail the inventory
+            logger.info("torch cannot tell the peer access of GPU %d: %s", gpu["index"], error)
+
+
 def _torch_gpu_info():
     if not torch.cuda.is_available():
         logger.info("No CUDA GPU found (no NVML and torch.cuda.is_available() is False).")
@@ -208,18 +226,22 @@ def _torch_gpu_info():
                         if hasattr(props, "pci_bus_id") else None),
             total_memory=int(total), free_memory=int(free), used_memory=int(total - free), utilization=None,
             temperature=None, power=None, compute_capability=(props.major, props.minor), pcie_generation=None,
-            pcie_width=None, nvlink_peers=[], peers=peers, source="torch"))
-    return gpus
+            pcie_width=None, nvlink_peers=[], peers=peers, torch_peers=list(peers), source="torch"))
+    return add_links(gpus)
 
 
-def get_gpu_info(nvml=None):
+def get_gpu_info(nvml=None, ask_torch_peers=None):
     """The GPUs this process can use, in torch order -> list of dicts:
 
     index (torch), nvml_index, name, uuid, pci_bus_id, total_memory / free_memory / used_memory
     (bytes), utilization (%), temperature (C), power (W), compute_capability (major, minor),
     pcie_generation, pcie_width, nvlink_peers and peers (torch indices reachable by NVLink, or by
-    NVLink or PCIe peer-to-peer), source ('nvml' or 'torch'). Fields a GPU does not report are None.
-    No GPU, no driver: [] (logged), never an exception. `nvml`: a pynvml-like object (for tests).
+    NVLink or PCIe peer-to-peer, as NVML says), torch_peers (those torch.cuda.can_device_access_peer
+    reports; None when not asked: torch is asked only once CUDA is initialised in this process, or
+    with ask_torch_peers=True), links (per other GPU: {'to', 'kind': 'nvlink' | 'pcie_p2p' |
+    'pcie_host', 'gb_per_s'}: see links.py), source ('nvml' or 'torch'). Fields a GPU does not
+    report are None. No GPU, no driver: [] (logged), never an exception. `nvml`: a pynvml-like
+    object (for tests).
     """
     nvml = _load_nvml(nvml)
     if nvml is not None:
@@ -231,6 +253,8 @@ def get_gpu_info(nvml=None):
             for gpu in gpus:
                 del gpu["_handle"]
                 gpu["source"] = "nvml"
+            _add_torch_peers(gpus, ask_torch_peers)
+            add_links(gpus)
             if not gpus:
                 logger.info("NVML sees %d GPU(s), none visible to this process (CUDA_VISIBLE_DEVICES=%r).",
                             len(records), os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -242,12 +266,24 @@ def get_gpu_info(nvml=None):
 
 # --- status table --------------------------------------------------------------------------------
 
-def _peers_text(gpu):
-    nvlink = gpu.get("nvlink_peers") or []
-    other = [p for p in gpu.get("peers") or [] if p not in nvlink]
-    parts = ([f"NVLink {','.join(map(str, nvlink))}"] if nvlink else []) + ([f"P2P {','.join(map(str, other))}"]
-                                                                            if other else [])
-    return "; ".join(parts) or "-"
+LINK_LABELS = {"nvlink": "NVLink", "pcie_p2p": "P2P", "pcie_host": "host"}
+
+
+def _links_text(gpu):
+    """'NVLink 1 (450 GB/s); P2P 2 (50 GB/s)': the GPUs reached each way and the estimated GB/s per
+    direction ('host': PCIe through host memory, no peer access); '-' when nothing is known."""
+    links = gpu.get("links")
+    if links is None:  # an inventory made without links: the peers as NVML gave them
+        nvlink = gpu.get("nvlink_peers") or []
+        other = [p for p in gpu.get("peers") or [] if p not in nvlink]
+        parts = ([f"NVLink {','.join(map(str, nvlink))}"] if nvlink else []) + (
+            [f"P2P {','.join(map(str, other))}"] if other else [])
+        return "; ".join(parts) or "-"
+    groups = {}
+    for link in links:
+        groups.setdefault((link["kind"], link["gb_per_s"]), []).append(str(link["to"]))
+    return "; ".join(f"{LINK_LABELS.get(kind, kind)} {','.join(ids)} ({rate:.0f} GB/s)"
+                     for (kind, rate), ids in groups.items()) or "-"
 
 
 def format_gpu_status(gpus=None):
@@ -257,19 +293,19 @@ def format_gpu_status(gpus=None):
         return ("No CUDA GPU found. Install the NVIDIA driver and a CUDA build of PyTorch, or check "
                 f"CUDA_VISIBLE_DEVICES (now {os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}).")
     unknown = lambda value, fmt: "-" if value is None else fmt.format(value)
-    rows = [("GPU", "Name", "Memory used / total", "Util", "Temp", "Power", "PCIe", "Peers")]
+    rows = [("GPU", "Name", "Memory used / total", "Util", "Temp", "Power", "PCIe", "Links")]
     for g in gpus:
         pcie = ("-" if g.get("pcie_generation") is None else
                 f"Gen{g['pcie_generation']} x{unknown(g.get('pcie_width'), '{}')}")
         used = g["used_memory"] if g.get("used_memory") is not None else g["total_memory"] - g["free_memory"]
         rows.append((str(g["index"]), g.get("name", "?"), f"{used / GIB:.1f} / {g['total_memory'] / GIB:.1f} GiB",
                      unknown(g.get("utilization"), "{}%"), unknown(g.get("temperature"), "{}C"),
-                     unknown(g.get("power"), "{:.0f} W"), pcie, _peers_text(g)))
+                     unknown(g.get("power"), "{:.0f} W"), pcie, _links_text(g)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 def print_gpu_status(gpus=None, file=None):
     """Print the GPU table: index, name, memory used / total, utilisation, temperature, power, PCIe
-    link and peers (gpus: an inventory as from get_gpu_info(); None: read it now)."""
+    link and the links to the other GPUs (gpus: an inventory as from get_gpu_info(); None: read it now)."""
     print(format_gpu_status(gpus), file=file or sys.stdout)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..engine.block_swap import ALIGNMENT, _HostBuffer, _round_up, _typed_view
+from ..engine.parking import copy_to_host
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +55,10 @@ class HostMirror:
         self.devices = list(by_device)
         self.entries, self.buffers = [], []  # entries: (tensor, host view, device)
         began = time.perf_counter()
-        with torch.no_grad():
-            for device, tensors in by_device.items():
-                offsets, offset = [], 0
-                for tensor in tensors:
-                    offset = _round_up(offset, ALIGNMENT)
-                    offsets.append(offset)
-                    offset += tensor.numel() * tensor.element_size()
-                buffer = _HostBuffer(offset, device)  # page-locked for CUDA devices
-                self.buffers.append(buffer)
-                for tensor, start in zip(tensors, offsets):
-                    view = _typed_view(buffer.tensor, start, tensor.dtype, tuple(tensor.shape))
-                    view.copy_(tensor.detach())
-                    self.entries.append((tensor, view, device))
+        for device, tensors in by_device.items():
+            buffer, views = copy_to_host(tensors, device)  # page-locked for CUDA devices
+            self.buffers.append(buffer)
+            self.entries += [(tensor, view, device) for tensor, view in zip(tensors, views)]
         self.nbytes = sum(view.numel() * view.element_size() for _, view, _ in self.entries)
         logger.info("Mirrored %.2f GiB of %s in %s host memory in %.1f s.", self.nbytes / 2**30,
                     pipeline.info.model_name if hasattr(pipeline.info, "model_name") else "the expert",

@@ -264,11 +264,18 @@ def _plan_pair(devices, info, settings, plan_inputs):
     gpus = [d for d in devices if d.type == "cuda"]
     if len(gpus) < 2:
         return "none", f"one device ({devices[0]}): both experts there, or the idle one in host memory"
-    need, reserve = _expert_bytes(info, settings), _reserve(info, settings, plan_inputs)
-    smallest = min(free_bytes(d) for d in gpus)
+    return pair_placement([free_bytes(d) for d in gpus], _expert_bytes(info, settings),
+                          _reserve(info, settings, plan_inputs))
+
+
+def pair_placement(free_by_gpu, need, reserve):
+    """'auto' for a pair on two or more GPUs with these free bytes, each expert `need` bytes and
+    `reserve` bytes of activations -> (parallelism_type, reason). (multi_gpu_utils' recommend plans
+    with it too.)"""
+    smallest = min(free_by_gpu)
     if 2 * need + reserve <= smallest:
         return "distributed", (f"both experts ({2 * need / 2**30:.1f} GiB) fit every GPU: two worker groups share "
-                               f"the {len(gpus)} GPUs, each step split over all of them")
+                               f"the {len(free_by_gpu)} GPUs, each step split over all of them")
     return "expert_parallel", (f"both experts ({2 * need / 2**30:.1f} GiB) do not fit one GPU "
                                f"({smallest / 2**30:.1f} GiB free): each expert on its half of the GPUs")
 

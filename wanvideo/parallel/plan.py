@@ -2,7 +2,10 @@
 
 `plan_parallelism(info, gpus, ...)` reads nothing but the CheckpointInfo (the safetensors header) and
 an inventory of GPUs (dicts with index, free_memory, total_memory; see wanvideo.gpus.get_gpu_info)
-and returns a plain dict the loader accepts as is, with a `reason` that says why.
+and returns a plain dict the loader accepts as is, with a `reason` that says why. Among the layouts
+that fit, the step-time estimates of plan_cost.py (compute at each GPU's speed, traffic over the
+link between the GPUs, wanvideo.gpus.links) choose; tokens follow the model's own VAE (the
+TI2V-5B's packs 16x16 pixels per latent, Wan 2.1's and the A14B experts' 8x8).
 
 Memory model, per GPU, in bytes (every figure is in the plan's `estimated_memory_per_gpu`):
 
@@ -42,9 +45,11 @@ import math
 import torch
 
 from ..checkpoint import BASE_DTYPES
+from ..gpus.speed import relative_speeds
 from ..quantization import QUANTIZATION_MODES
 from .block_distribution import blocks_per_device_by_memory
 from .distributed.topology import choose_degrees
+from .plan_cost import WORKER_PROCESS_GAIN, StepCosts, link_note, speeds_note
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +75,16 @@ def gib(num_bytes):
     return f"{num_bytes / GIB:.1f} GiB"
 
 
-def latent_token_count(width, height, num_frames, patch_size=(1, 2, 2)):
-    """Tokens of one video: ((frames - 1) // 4 + 1) * (height // 16) * (width // 16) for Wan 2.1."""
+def latent_token_count(width, height, num_frames, patch_size=(1, 2, 2), vae_stride=VAE_STRIDE):
+    """Tokens of one video: ((frames - 1) // 4 + 1) * (height // 16) * (width // 16) for Wan 2.1 and the
+    A14B experts (VAE stride (4, 8, 8), 2x2 patches); the TI2V-5B's Wan 2.2 VAE packs 16x16 pixels
+    (vae_stride (4, 16, 16)): (height // 32) * (width // 32) per latent frame."""
     for name, value, minimum in (("width", width, 16), ("height", height, 16), ("num_frames", num_frames, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"{name}={value!r} is not valid: give an integer of at least {minimum}.")
-    latent_frames = (num_frames - 1) // VAE_STRIDE[0] + 1
+    latent_frames = (num_frames - 1) // vae_stride[0] + 1
     pf, ph, pw = patch_size
-    return (latent_frames // pf) * (height // VAE_STRIDE[1] // ph) * (width // VAE_STRIDE[2] // pw)
+    return (latent_frames // pf) * (height // vae_stride[1] // ph) * (width // vae_stride[2] // pw)
 
 
 class ModelFootprint:
@@ -102,7 +109,8 @@ class ModelFootprint:
                          + math.prod(config["patch_size"]) * config["out_dim"] + 2 * config["dim"])
         self.head_bytes = head_elements * self.compute_bytes
         self.embedding_bytes = outside_blocks - self.head_bytes
-        self.description = f"Wan 2.1 {info.model_type} {info.size_name}"
+        self.patch_size, self.vae_stride = tuple(config["patch_size"]), tuple(info.vae_stride)
+        self.description = info.model_name  # 'Wan 2.1 t2v 14B', 'Wan 2.2 TI2V 5B', ...
 
     @property
     def weight_bytes(self):
@@ -191,7 +199,7 @@ class Workload:
     def __init__(self, footprint, width, height, num_frames, cfg, batch_size):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is not valid: give an integer of at least 1.")
-        self.tokens = latent_token_count(width, height, num_frames)
+        self.tokens = latent_token_count(width, height, num_frames, footprint.patch_size, footprint.vae_stride)
         self.items = batch_size * (2 if cfg else 1)
         self.cfg, self.batch_size = cfg, batch_size
         self.full_activation = footprint.activation_bytes(self.tokens, self.items)
@@ -205,11 +213,14 @@ def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_prec
                      shard_weights="auto"):
     """CheckpointInfo + GPU inventory -> plan dict (see PLAN_KEYS and the module docstring).
 
-    Order of preference: replicas that split the work (data parallel, sequence parallel) when the
-    model fits each of two or more GPUs; else one GPU when it fits one; else the distributed
-    strategy with the weights sharded over the GPUs when 1/N of them fits each (plan_sharded.py;
-    not with shard_weights 'off'); else block distribution over the GPUs (with swap if even their
-    sum is too small); else one GPU with block swap.
+    Order of preference: replicas when the model fits each of two or more GPUs (plan_replicated.py:
+    data parallel, sequence parallel or the fastest single GPU, whichever the step-time estimate of
+    plan_cost.py says is fastest, traffic weighed against the GPUs' link); else one GPU when it
+    fits one; else the distributed strategy with the weights sharded over the GPUs when 1/N of them
+    fits each (plan_sharded.py; not with shard_weights 'off') or block distribution over the GPUs
+    (with swap if even their sum is too small), by estimated step time; else one GPU with block swap.
+    GPUs of different models are weighed by relative speed (wanvideo.gpus.speed: given as
+    'relative_speed' in the inventory, else probed and cached).
     block_swap, torch_compile: the loader asks for them (its Block Swap / Torch Compile inputs).
     The distributed strategy's workers support neither, so it is then not chosen and the reason
     says what it would have been.
@@ -253,11 +264,15 @@ def _choose_plan(info, gpus, width, height, num_frames, base_precision, quantiza
         return _plan(footprint, "none", [], [], f"No CUDA GPU was found, so the model runs on the CPU ({need}; "
                      "many times slower than a GPU). Install the NVIDIA driver and a CUDA build of PyTorch, or check "
                      "CUDA_VISIBLE_DEVICES, to use a GPU.")
+    speeds, speed_source = relative_speeds(gpus)
+    costs = StepCosts(footprint, work, speeds, speed_source)
     single_bytes = estimate_single_gpu_bytes(footprint, work.full_activation)
-    fitting = sorted((g for g in gpus if single_bytes <= usable_memory(g)), key=usable_memory, reverse=True)
+    fitting = sorted((g for g in gpus if single_bytes <= usable_memory(g)),
+                     key=lambda g: (speeds.get(g["index"], 1.0), usable_memory(g)), reverse=True)
 
     if len(gpus) >= 2:
-        replicated = _plan_replicated(footprint, work, gpus, need, worker_processes)
+        from .plan_replicated import plan_replicated  # imports this module, as plan_sharded does
+        replicated = plan_replicated(footprint, work, gpus, need, costs, worker_processes)
         if replicated is not None:
             return replicated
     if fitting:
@@ -268,19 +283,20 @@ def _choose_plan(info, gpus, width, height, num_frames, base_precision, quantiza
                           ("the model fits only this one, and block distribution runs the blocks one GPU after "
                            "another, no faster than one GPU." if len(fitting) == 1 else
                            f"there is a single item and only {work.tokens} tokens, too few to split across GPUs "
-                           f"(at least {2 * MIN_TOKENS_PER_SEQUENCE_SHARD} are needed)."))
+                           f"(at least {2 * MIN_TOKENS_PER_SEQUENCE_SHARD} are needed).")) + speeds_note(costs, gpus)
         return _plan(footprint, "none", [best], [single_bytes],
                      f"{need}: {gib(single_bytes)} in all, which fits GPU {best['index']} "
                      f"({gib(usable_memory(best))} usable), so it runs there without block swap.{why_single}")
+    sharded = distributed = None
     if len(gpus) >= 2 and worker_processes and shard_weights != "off":
         from .plan_sharded import plan_sharded_distributed  # imports this module: see plan_sharded.py
-        sharded = plan_sharded_distributed(footprint, work, gpus, need)
-        if sharded is not None:
-            return sharded
+        sharded = plan_sharded_distributed(footprint, work, gpus, need, costs)
     if len(gpus) >= 2:
-        distributed = _plan_block_distribution(footprint, work, gpus, need)
-        if distributed is not None:
-            return distributed
+        distributed = _plan_block_distribution(footprint, work, gpus, need, costs)
+    if sharded and distributed:
+        return _sharded_or_blocks(sharded, distributed)
+    if sharded or distributed:
+        return (sharded or distributed)[0]
     best = max(gpus, key=usable_memory)
     others = [g["index"] for g in gpus if g is not best]
     plural = len(others) > 1
@@ -289,6 +305,22 @@ def _choose_plan(info, gpus, width, height, num_frames, base_precision, quantiza
             "block distribution would add each step."
             if others else "")
     return _plan_swap(footprint, work, best, need, note)
+
+
+def _sharded_or_blocks(sharded, blocks):
+    """Both fit: weight sharding (worker processes, every GPU on every step, the weights gathered each
+    forward) against block distribution (one process, the GPUs in turn or pipelined), by estimated
+    step time; sharding must win by WORKER_PROCESS_GAIN."""
+    (sharded_plan, sharded_time), (blocks_plan, blocks_time) = sharded, blocks
+    if sharded_time.seconds * WORKER_PROCESS_GAIN < blocks_time.seconds:
+        sharded_plan["reason"] += (f" Block distribution over {len(blocks_plan['gpu_ids'])} GPUs would take "
+                                   f"{blocks_time.text()}.")
+        return sharded_plan
+    blocks_plan["reason"] += (f" Sharding the weights over {len(sharded_plan['gpu_ids'])} GPUs (distributed) was not "
+                              f"chosen: with the weights gathered every forward it would take {sharded_time.text()}, "
+                              f"against {blocks_time.seconds:.2f} s here, and its worker processes must win by "
+                              f"{WORKER_PROCESS_GAIN}x. Choose 'distributed' with shard_weights 'on' to try it anyway.")
+    return blocks_plan
 
 
 def _fp8_hint(footprint):
@@ -315,11 +347,12 @@ def _plan_swap(footprint, work, gpu, need, note=""):
                         f"is faster.{_fp8_hint(footprint)}{note}")
 
 
-def _plan_block_distribution(footprint, work, gpus, need):
-    """Contiguous block ranges in proportion to each GPU's memory after its fixed costs (GPUs that
-    cannot hold a block are left out). If even the sum is too small, every GPU but the largest
-    keeps as many blocks as it holds and the largest takes the rest with block swap: one GPU paying
-    the swap buffers swaps the fewest blocks."""
+def _plan_block_distribution(footprint, work, gpus, need, costs):
+    """(plan, Estimate) or None. Contiguous block ranges in proportion to each GPU's memory after its
+    fixed costs times its relative speed (costs.speeds; equal GPUs: by memory alone), none above the
+    blocks it holds (GPUs that cannot hold a block are left out). If even the sum is too small, every
+    GPU but the largest keeps as many blocks as it holds and the largest takes the rest with block
+    swap: one GPU paying the swap buffers swaps the fewest blocks."""
     candidates = list(gpus)
     while len(candidates) >= 2:
         last = len(candidates) - 1
@@ -328,7 +361,8 @@ def _plan_block_distribution(footprint, work, gpus, need):
                       for i, g in enumerate(candidates)]
         resident_limits = [max(0, c // footprint.block_bytes) for c in capacities]
         if sum(resident_limits) >= footprint.num_layers:
-            blocks = blocks_per_device_by_memory(footprint.num_layers, capacities, resident_limits)
+            shares = [max(0, c) * costs.speeds.get(g["index"], 1.0) for c, g in zip(capacities, candidates)]
+            blocks = blocks_per_device_by_memory(footprint.num_layers, shares, resident_limits)
             swaps = [0] * len(blocks)
         else:
             swapper = max(range(len(candidates)), key=lambda i: capacities[i])
@@ -356,13 +390,16 @@ def _plan_block_distribution(footprint, work, gpus, need):
             ranges.append(f"GPU {g['index']}: blocks {start}-{start + b - 1}")
             start += b
         left_out = [g["index"] for g in gpus if g not in candidates]
+        estimate = costs.block_distribution(candidates, blocks, swaps)
+        mixed = speeds_note(costs, candidates)
         swap_text = (f" Together they are still too small, so {sum(swaps)} blocks of GPU "
                      f"{candidates[swaps.index(max(swaps))]['index']} stay in CPU memory and are streamed in each "
                      f"step.{_fp8_hint(footprint)}" if sum(swaps) else " No block swap is needed.")
         return _plan(footprint, "block_distribution", candidates, estimates, blocks_to_swap=sum(swaps),
                      blocks_to_swap_per_gpu=swaps if sum(swaps) else None, blocks_per_gpu=blocks,
                      reason=f"{need}: too much for any single GPU, so the {footprint.num_layers} blocks are split in "
-                            f"contiguous ranges in proportion to each GPU's free memory after its activations "
+                            f"contiguous ranges in proportion to each GPU's free memory after its activations"
+                            f"{' times its relative speed' if mixed else ''} "
                             f"({'; '.join(ranges)}); embeddings sit on the first GPU and the head on the last. "
                             f"With CFG (or a batch) the loader pipelines the branches through the GPUs, so they work "
                             f"at once; a single branch goes through them in turn, about as long as on one GPU that "
@@ -370,131 +407,5 @@ def _plan_block_distribution(footprint, work, gpus, need):
                             f"{swap_text}"
                             + (f" GPUs {left_out} are left out: their free memory next to the activations holds "
                                f"no block, or fewer block bytes than the activation traffic they would add each step."
-                               if left_out else ""))
+                               if left_out else "") + mixed + link_note(candidates)), estimate
     return None
-
-
-def _plan_replicated(footprint, work, gpus, need, worker_processes=True):
-    """Data parallel or sequence parallel over GPUs that each hold the whole model, or None.
-
-    Data parallel (one process, one replica per GPU, the items split) costs no communication inside
-    a step, so it wins when there are at least as many items as GPUs and they divide evenly. With
-    more GPUs than items, sequence parallelism (worker processes; CFG branches on cfg_degree groups,
-    the tokens split by Ulysses x ring inside each) uses more of them and cuts per-step time nearly
-    linearly, as long as each GPU keeps at least MIN_TOKENS_PER_SEQUENCE_SHARD tokens.
-    """
-    by_memory = sorted(gpus, key=usable_memory, reverse=True)
-    weights_and_reserve = estimate_single_gpu_bytes(footprint, 0)
-
-    def replicas_that_fit(activation):
-        return [g for g in by_memory if weights_and_reserve + activation <= usable_memory(g)]
-
-    data_parallel = None
-    for num_gpus in range(min(len(gpus), work.items), 1, -1):
-        items_per_gpu = math.ceil(work.items / num_gpus)
-        activation = footprint.activation_bytes(work.tokens, items_per_gpu)
-        fit = replicas_that_fit(activation)
-        if len(fit) >= num_gpus:
-            data_parallel = (sorted(fit[:num_gpus], key=lambda g: g["index"]), items_per_gpu,
-                             weights_and_reserve + activation)
-            break
-    if data_parallel and len(data_parallel[0]) == len(gpus) and work.items % len(gpus) == 0:
-        return _data_parallel_plan(footprint, work, gpus, need, *data_parallel)
-
-    # Sequence parallel: the largest world the memory and the token count allow; on a tie, CFG
-    # parallel first (it needs no communication inside the step).
-    best = None
-    for cfg_degree in ((2, 1) if work.cfg and work.items % 2 == 0 else (1,)):
-        max_shards = min(len(gpus) // cfg_degree, work.tokens // MIN_TOKENS_PER_SEQUENCE_SHARD)
-        for shards in range(max_shards, 1, -1):
-            activation = footprint.activation_bytes(work.tokens, work.items // cfg_degree, shards)
-            fit = replicas_that_fit(activation)
-            if len(fit) >= cfg_degree * shards:
-                if best is None or cfg_degree * shards > best[0] * best[1]:
-                    best = (cfg_degree, shards, fit[:cfg_degree * shards], weights_and_reserve + activation)
-                break
-    if best and worker_processes and (data_parallel is None or best[0] * best[1] > len(data_parallel[0])):
-        slow_link = _without_peer_access(best[2])
-        if data_parallel is None or slow_link is None:
-            return _distributed_plan(footprint, work, gpus, need, *best)
-        # Over PCIe without peer access every block's all-to-all goes through host memory: the data
-        # parallel plan (no exchange inside a step) on fewer GPUs is the safer choice.
-        plan = _data_parallel_plan(footprint, work, gpus, need, *data_parallel)
-        traffic = _sequence_parallel_traffic_bytes(footprint, work, *best[:2])
-        plan["reason"] += (f" Sequence parallelism on {best[0] * best[1]} GPUs was not chosen: {slow_link}, so its "
-                           f"all-to-all in every block (about {gib(traffic)} per GPU and step) would go through "
-                           "host memory, while data parallel (and CFG parallel) exchange nothing inside a step. "
-                           "Choose 'distributed' yourself to try it anyway.")
-        return plan
-    if data_parallel:
-        return _data_parallel_plan(footprint, work, gpus, need, *data_parallel)
-    return None
-
-
-def _without_peer_access(chosen):
-    """None when the inventory shows a direct path (NVLink or PCIe P2P) between all of `chosen`, or
-    does not say; else the link in words, naming the GPUs and their PCIe link."""
-    if not all("peers" in g for g in chosen):
-        return None
-    ids = {g["index"] for g in chosen}
-    cut = sorted(g["index"] for g in chosen if not ids - {g["index"]} <= set(g["peers"]))
-    if not cut:
-        return None
-    pcie = sorted({f"PCIe Gen{g['pcie_generation']} x{g.get('pcie_width') or '?'}" for g in chosen
-                   if g.get("pcie_generation")})
-    return (f"GPUs {', '.join(map(str, cut))} reach the others over {' / '.join(pcie) or 'PCIe'} without peer "
-            "access (no NVLink, no P2P)")
-
-
-def _sequence_parallel_traffic_bytes(footprint, work, cfg_degree, shards):
-    """Bytes one GPU sends per step under Ulysses: per block q, k, v out and the output back (4 x its
-    token shard x dim x (shards - 1) / shards), 2 bytes a number."""
-    shard_tokens = work.tokens * (work.items // cfg_degree) / shards
-    return footprint.num_layers * 4 * shard_tokens * footprint.dim * 2 * (shards - 1) / shards
-
-
-def _data_parallel_plan(footprint, work, gpus, need, chosen, items_per_gpu, estimate):
-    idle = len(gpus) - len(chosen)
-    uneven = work.items % len(chosen) != 0
-    return _plan(footprint, "data_parallel", chosen, [estimate] * len(chosen),
-                 f"{need}. The model fits each GPU ({gib(estimate)} with {items_per_gpu} item"
-                 f"{'s' if items_per_gpu > 1 else ''} per GPU), so each of the {len(chosen)} GPUs holds a replica "
-                 f"and runs its share of the {work.items} items: "
-                 + (f"about {len(chosen)}x faster per step" if not uneven else
-                    f"about {work.items / items_per_gpu:.1f}x faster per step (the items do not divide evenly)")
-                 + ", with no communication inside the step and no worker processes."
-                 + (f" {idle} GPU{'s stay' if idle > 1 else ' stays'} idle: the {work.tokens} tokens are too few, "
-                    f"or the memory too small, to split the tokens as well (sequence parallelism wants at least "
-                    f"{MIN_TOKENS_PER_SEQUENCE_SHARD} tokens per GPU)." if idle else ""))
-
-
-def _distributed_plan(footprint, work, gpus, need, cfg_degree, shards, chosen, estimate):
-    chosen = sorted(chosen, key=lambda g: g["index"])
-    world = cfg_degree * shards
-    ulysses, ring = sequence_parallel_degrees(shards, footprint.num_heads)
-    split = []
-    if cfg_degree > 1:
-        split.append("the cond and uncond branches on 2 groups of GPUs (cfg_degree 2)")
-    heads_note = (f"{ulysses} divides the {footprint.num_heads} heads" if ring == 1 else
-                  f"Ulysses {ulysses} is the largest divisor of {shards} that divides the {footprint.num_heads} "
-                  f"heads; ring attention takes the remaining factor {ring}")
-    split.append(f"the {work.tokens} tokens over {shards} GPUs (ulysses {ulysses} x ring {ring}: {heads_note})")
-    idle = len(gpus) - world
-    return _plan(footprint, "distributed", chosen, [estimate] * world, ulysses=ulysses, ring=ring,
-                 cfg_degree=cfg_degree,
-                 reason=f"{need}. The model fits each GPU ({gib(estimate)} per GPU once split) and there are more "
-                        f"GPUs than items, so {world} worker processes share every step: {' and '.join(split)}. "
-                        f"Per-step time drops nearly linearly with the GPUs, where data parallel could use only "
-                        f"{min(len(gpus), work.items)} of them."
-                        + (f" {idle} GPU{'s stay' if idle > 1 else ' stays'} idle: too little memory, or too few "
-                           f"tokens ({MIN_TOKENS_PER_SEQUENCE_SHARD} per GPU at least), to use more."
-                           if idle else "") + _interconnect_note(chosen))
-
-
-def _interconnect_note(chosen):
-    """A warning when the inventory says the chosen GPUs cannot reach each other directly."""
-    slow_link = _without_peer_access(chosen)
-    if slow_link is None:
-        return ""
-    return (f" The inventory shows no direct P2P/NVLink path between some of these GPUs ({slow_link}), so the "
-            "exchange goes through host memory and the speed-up will be smaller.")

@@ -1,8 +1,10 @@
 """The planner's sharded option: the distributed strategy with each GPU holding 1/N of the weights.
 
 plan.py calls `plan_sharded_distributed` when a whole copy of the model fits none of the GPUs
-(so neither replicas nor one GPU can run it) and before block distribution, which runs the GPUs
-in turn: with sharding every GPU works on every step. (A module of its own beside plan.py, which
+(so neither replicas nor one GPU can run it) and weighs it against block distribution, which runs
+the GPUs in turn, by estimated step time (plan_cost.py): with sharding every GPU works on every
+step, but each gathers (N - 1) / N of the weights per forward, which over a slow link (PCIe
+through host memory) can take longer than the compute it spares. (A module of its own beside plan.py, which
 imports it where it is used: plan.py is at its size limit.)
 
 Memory per GPU, on top of plan.py's model (module docstring there):
@@ -17,8 +19,8 @@ Memory per GPU, on top of plan.py's model (module docstring there):
 import math
 
 from .distributed.sharding import fsdp2_missing
-from .plan import (RUNTIME_RESERVE_BYTES, _interconnect_note, _plan, gib, sequence_parallel_degrees,
-                   usable_memory)
+from .plan import RUNTIME_RESERVE_BYTES, _plan, gib, sequence_parallel_degrees, usable_memory
+from .plan_cost import link_note, speeds_note
 
 SHARD_GATHERED_BLOCKS = 2
 
@@ -29,23 +31,30 @@ def estimate_sharded_bytes(footprint, activation_bytes, world_size):
             + footprint.embedding_bytes + footprint.head_bytes + activation_bytes + RUNTIME_RESERVE_BYTES)
 
 
-def plan_sharded_distributed(footprint, work, gpus, need):
-    """The most GPUs (largest free memory first) on which a 1/N shard plus activations fits each,
-    as a 'distributed' plan with shard_weights 'on'; None when not even two GPUs suffice, or when
-    this PyTorch has no FSDP2."""
+def plan_sharded_distributed(footprint, work, gpus, need, costs):
+    """(plan, Estimate): the 'distributed' plan with shard_weights 'on' whose estimated step is the
+    shortest (plan_cost.StepCosts.sharded: compute, or the weights' gather over the slowest link where
+    that takes longer, plus the sequence exchange) among the worlds of two or more GPUs (fastest,
+    then largest free memory first) on which a 1/N shard plus activations fits each; on a tie the
+    larger world. None when not even two GPUs suffice, or when this PyTorch has no FSDP2."""
     if fsdp2_missing():
         return None
-    by_memory = sorted(gpus, key=usable_memory, reverse=True)
+    ranked = sorted(gpus, key=lambda g: (costs.speeds.get(g["index"], 1.0), usable_memory(g)), reverse=True)
+    options = []
     for world in range(len(gpus), 1, -1):
         cfg_degree = 2 if work.cfg and work.items % 2 == 0 and world % 2 == 0 else 1
         shards = world // cfg_degree
-        estimate = estimate_sharded_bytes(
+        nbytes = estimate_sharded_bytes(
             footprint, footprint.activation_bytes(work.tokens, work.items // cfg_degree, shards), world)
-        chosen = by_memory[:world]
-        if all(estimate <= usable_memory(g) for g in chosen):
-            break
-    else:
+        chosen = [g for g in ranked if nbytes <= usable_memory(g)][:world]
+        if len(chosen) == world:
+            ulysses, ring = sequence_parallel_degrees(shards, footprint.num_heads)
+            options.append((costs.sharded(chosen, cfg_degree, ulysses, ring), -world, cfg_degree, shards, chosen,
+                            nbytes))
+    if not options:
         return None
+    time_estimate, _, cfg_degree, shards, chosen, estimate = min(options, key=lambda o: (o[0].seconds, o[1]))
+    world = cfg_degree * shards
     chosen = sorted(chosen, key=lambda g: g["index"])
     ulysses, ring = sequence_parallel_degrees(shards, footprint.num_heads)
     split = ["the cond and uncond branches on 2 groups of GPUs (cfg_degree 2)"] if cfg_degree > 1 else []
@@ -61,5 +70,7 @@ def plan_sharded_distributed(footprint, work, gpus, need):
                         f"step ({' and '.join(split)}), where block distribution would run the GPUs in turn; the "
                         f"price is one gather of the weights per forward "
                         f"({gib(footprint.weight_bytes * (world - 1) / world)} received by each GPU)."
-                        + (f" {idle} GPU{'s stay' if idle > 1 else ' stays'} idle: too little memory for a shard."
-                           if idle else "") + _interconnect_note(chosen))
+                        + f" Estimated {time_estimate.text()}."
+                        + (f" {idle} GPU{'s stay' if idle > 1 else ' stays'} idle: too little memory for a shard, or "
+                           "too slow a GPU or link to gain from more." if idle else "")
+                        + link_note(chosen) + speeds_note(costs, chosen)), time_estimate

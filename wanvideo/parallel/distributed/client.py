@@ -33,11 +33,12 @@ class WorkerGroupError(RuntimeError):
 
 class WorkerTransport:
     """How a client reaches one worker group. Messages are (kind, request_id, payload):
-        ('ready', None, rank)                          a spawned worker has loaded its weights
+        ('ready', None, (rank, {phase: seconds}))      a spawned worker has loaded its weights
         ('progress', id, (step, total, x0 or None))    after each step; x0 [B, 16, F, H, W] with previews
         ('result', id, tensor or list of tensors)      on the CPU
         ('interrupted', id, None)                      the ranks left the request at one step
         ('error', id or None, (rank, traceback text))  a rank failed (and exits)
+        ('timing', id, {phase: seconds})               start-up figures ('first_step' of the first request)
     """
 
     def new_request_id(self):
@@ -74,6 +75,7 @@ class WanWorkerClient:
     served = None
     degrees = None
     step_timeout_s = 900.0
+    startup_seconds = None  # {phase: seconds} of the group's start, where the front end measures it
 
     @property
     def num_heads(self):
@@ -179,6 +181,9 @@ class WanWorkerClient:
                 kind, request_id, payload = self._next_message(transport, self.step_timeout_s, last_news, "running",
                                                                poll_interrupt)
                 last_news = time.monotonic()
+                if kind == "timing":
+                    self.startup_seconds = dict(self.startup_seconds or {}, **payload)
+                    continue
                 if request_id != request.request_id:
                     continue  # late news of an earlier, cancelled request
                 if kind == "result":

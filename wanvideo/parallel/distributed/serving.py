@@ -64,7 +64,9 @@ class WorkerSession:
         return groups
 
     def any_rank(self, flag):
-        """True on every rank when `flag` is true on any rank (one tiny all-reduce)."""
+        """True on every rank when `flag` is true on any rank (one tiny all-reduce; none for one rank)."""
+        if self.world_size == 1:
+            return bool(flag)
         value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.comm_device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ...checkpoint import SAFETENSORS_DTYPES, _check_keys, _open, build_meta_model, inspect_checkpoint, resolve_dtype
+from ...checkpoint import SAFETENSORS_DTYPES, check_keys, open_checkpoint, build_meta_model, inspect_checkpoint, resolve_dtype
 from ...devices import DeviceOutOfMemoryError, release_memory
 from ...gpus import get_gpu_info
 from ...lora import collect_lora_updates, merge_lora_updates
@@ -266,13 +266,13 @@ def load_sharded_model(path, device, settings, info=None, prefetch=True):
     dtype, fp8_dtype = resolve_dtype(settings.base_precision), FP8_DTYPES.get(settings.quantization)
     report = ShardedLoadReport(dist.get_rank(), dist.get_world_size())
     model = _meta_model_in_storage_dtypes(info, dtype, settings.quantization)
-    _check_keys(info, model.state_dict().keys())
+    check_keys(info, model.state_dict().keys())
     # LoRA keys are matched against the names and shapes of the meta model, then merged tensor by tensor.
     updates = collect_lora_updates(model, settings.loras)[0] if settings.loras else {}
     try:
         _shard(model, device, prefetch)
         model.to_empty(device=device)  # this rank's rows only (FSDP keeps its padded shard storage)
-        with torch.no_grad(), _open(path) as handle:
+        with torch.no_grad(), open_checkpoint(path) as handle:
             _fill_local_shards(model, _TensorSource(handle, info, device, report), fp8_dtype, updates, report)
         model.set_attention_backend(settings.attention_mode)
         model.eval()

@@ -5,8 +5,12 @@ cannot import. This file puts the folder that holds `wanvideo` first on sys.path
 worker code under its own name, and calls it with the arguments the parent left in
 WAN_WORKER_ARGS. Nothing else of the parent (its __main__, other custom nodes) is imported.
 """
-import os
-import sys
+import time
+
+_entered_at = time.time()  # the end of the 'spawn' phase and the start of 'imports' (workers.py)
+
+import os  # noqa: E402
+import sys  # noqa: E402
 
 _root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 if _root in sys.path:
@@ -15,4 +19,4 @@ sys.path.insert(0, _root)  # first, so no other `wanvideo` on the path (another 
 
 from wanvideo.parallel.distributed.workers import worker_main  # noqa: E402
 
-worker_main(*WAN_WORKER_ARGS)  # noqa: F821 - set by runpy.run_path(init_globals=...)
+worker_main(*WAN_WORKER_ARGS, entered_at=_entered_at)  # noqa: F821 - set by runpy.run_path(init_globals=...)

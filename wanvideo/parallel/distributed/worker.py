@@ -92,10 +92,19 @@ def main(argv=None):
         parser.error("run me under torchrun (RANK, WORLD_SIZE, MASTER_ADDR are not set).")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if args.device == "cuda" else torch.device("cpu")
+    phases, lap = {}, time.monotonic()  # start-up phases, as the spawned workers time them (workers.py)
+
+    def end_phase(name):
+        nonlocal lap
+        phases[name], lap = time.monotonic() - lap, time.monotonic()
+
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.empty(1, device=device)  # the context now, so its phase says what it costs
+    end_phase("cuda_init")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                            timeout=timedelta(minutes=30))
+                            timeout=timedelta(minutes=30))  # NCCL connects lazily, at the first collective
+    end_phase("process_group")
     store = dist.TCPStore(args.serve_host if rank == 0 else os.environ["MASTER_ADDR"], args.serve_port,
                           is_master=rank == 0, wait_for_workers=False, timeout=timedelta(minutes=10))
     exit_code = 0
@@ -104,8 +113,11 @@ def main(argv=None):
                                                                       quantization=args.quantization,
                                                                       attention_mode=args.attention),
                                 shard_weights=args.shard_weights == "on")
+        end_phase("weights")
         dist.barrier()
+        end_phase("barrier")  # the slowest peer; NCCL connects here (its first collective)
         if rank == 0:
+            logger.info("Start-up: %s", ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items()))
             store.set("model", ServedModel.from_info(session.info).to_json())
             store.set("ready", str(dist.get_world_size()))
             logger.info("Serving Wan requests on %s:%d with %d ranks", args.serve_host, args.serve_port,

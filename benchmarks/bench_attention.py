@@ -1,0 +1,242 @@
+"""GPU benchmark of attention_mode 'sage_triton' (issue 15) against torch SDPA, on one GPU.
+
+Attention at Wan shapes, bf16, batch 1, head dim 128: self-attention with 12 and 40 heads (Wan 2.1
+1.3B and 14B) over 32,760 (480p, 81 frames) and 75,600 tokens (720p); cross-attention from those
+tokens to 512 text tokens (and 257 CLIP image tokens, i2v), once with a ragged text mask. For each:
+  - times (CUDA events, median, same process): the package's SDPA call (the model's path), SDPA
+    restricted to cuDNN and to flash (where they run), sage_triton, and sage_triton's quantization
+    alone; its first call (compile + autotune) separately;
+  - accuracy: relative L2 error of sage_triton against bf16 SDPA over the whole output, and of both
+    against exact fp32 attention on the first 512 queries.
+Then one real-size Wan 2.1 14B block (random weights, benchmarks/bench_model.py's build_ours) at 480p
+(and 720p with --block-resolutions 480p,720p): block time with sdpa and with sage_triton, and the
+relative error of the block's output. Prints a table and writes attention.json to $OUT (or
+benchmarks/out). About a minute on an H200.
+
+    python benchmarks/bench_attention.py [--cases all|name,...] [--block-resolutions 480p] [--no-block]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)                                  # wanvideo
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))      # bench_model
+
+HEAD_DIM = 128
+# name -> (heads, query tokens, key tokens, real keys: None = all)
+CASES = {
+    "self_12h_32760": (12, 32760, 32760, None),
+    "self_40h_32760": (40, 32760, 32760, None),
+    "self_12h_75600": (12, 75600, 75600, None),
+    "self_40h_75600": (40, 75600, 75600, None),
+    "cross_12h_32760x512": (12, 32760, 512, None),
+    "cross_40h_32760x512": (40, 32760, 512, None),
+    "cross_40h_75600x512": (40, 75600, 512, None),
+    "cross_40h_75600x257": (40, 75600, 257, None),
+    "cross_40h_75600x512_mask300": (40, 75600, 512, 300),
+}
+EXACT_QUERIES = 512  # rows of the exact fp32 reference (its score matrix is H x 512 x Lk floats)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="all", help=f"'all' or a comma-separated subset of: {', '.join(CASES)}")
+    parser.add_argument("--block-resolutions", default="480p", help="14B block resolutions: 480p, 720p (comma-separated)")
+    parser.add_argument("--no-block", action="store_true", help="skip the 14B block")
+    parser.add_argument("--iters", type=int, default=5, help="timed calls per measurement (median); 2 warm-up calls")
+    args = parser.parse_args()
+    cases = list(CASES) if args.cases == "all" else [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}")
+    args.cases = cases
+    return args
+
+
+def make_inputs(heads, lq, lk, real_keys, seed=0):
+    """bf16 q [1, Lq, H, D], k, v [1, Lk, H, D] on the GPU, and the key mask (or None). Keys carry a
+    shared per-channel offset, as Wan's do (what the smoothing is for)."""
+    import torch
+    g = torch.Generator("cuda").manual_seed(seed)
+    shape_q, shape_k = (1, lq, heads, HEAD_DIM), (1, lk, heads, HEAD_DIM)
+    q = torch.randn(shape_q, device="cuda", generator=g, dtype=torch.bfloat16)
+    offset = 2.0 * torch.randn(heads, HEAD_DIM, device="cuda", generator=g)
+    k = (torch.randn(shape_k, device="cuda", generator=g) + offset).to(torch.bfloat16)
+    v = torch.randn(shape_k, device="cuda", generator=g, dtype=torch.bfloat16)
+    mask = None
+    if real_keys is not None:
+        mask = torch.zeros(1, lk, dtype=torch.bool, device="cuda")
+        mask[:, :real_keys] = True
+    return q, k, v, mask
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def exact_rows(q, k, v, mask, rows):
+    """Exact fp32 attention of the first `rows` queries: [1, rows, H, D]."""
+    import torch
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q[:, :rows], k, v))      # [1, H, L, D]
+    scores = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vf
+    return out.transpose(1, 2)
+
+
+def sdpa_with(backend_name):
+    """SDPA restricted to one backend (cuDNN or flash), [B, L, H, D] in and out, or None if unknown."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, backend_name, None)
+    if backend is None:
+        return None
+
+    def run(q, k, v, mask):
+        with sdpa_kernel([backend]):
+            m = None if mask is None else mask[:, None, None, :]
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  attn_mask=m).transpose(1, 2)
+    return run
+
+
+def bench_case(name, iters, event_time_ms):
+    import torch
+    from wanvideo.modules import sage_triton
+    from wanvideo.modules.attention import attention
+    heads, lq, lk, real_keys = CASES[name]
+    q, k, v, mask = make_inputs(heads, lq, lk, real_keys)
+    flops = 4.0 * heads * lq * (real_keys or lk) * HEAD_DIM
+    row = {"case": name, "heads": heads, "q_tokens": lq, "k_tokens": lk, "real_keys": real_keys or lk}
+
+    with torch.inference_mode():
+        ref = attention(q, k, v, key_mask=mask, backend="sdpa")
+        row["sdpa_ms"] = event_time_ms(lambda: attention(q, k, v, key_mask=mask, backend="sdpa"), iters=iters)
+        for label, backend in (("sdpa_cudnn_ms", "CUDNN_ATTENTION"), ("sdpa_flash_ms", "FLASH_ATTENTION")):
+            run = sdpa_with(backend)
+            try:
+                row[label] = event_time_ms(lambda: run(q, k, v, mask), iters=iters) if run else None
+            except RuntimeError as error:  # not available for this shape, mask or build
+                row[label] = None
+                row[label.replace("_ms", "_error")] = " ".join(str(error).split())[:200]
+
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = attention(q, k, v, key_mask=mask, backend="sage_triton")   # compiles and tunes on first use
+        torch.cuda.synchronize()
+        row["sage_first_call_s"] = time.perf_counter() - start
+        row["sage_ms"] = event_time_ms(lambda: attention(q, k, v, key_mask=mask, backend="sage_triton"), iters=iters)
+        row["sage_quantize_ms"] = event_time_ms(lambda: sage_triton.quantize(q, k, v, key_mask=mask), iters=iters)
+        row["sage_rel_err_vs_sdpa"] = rel_err(out, ref)
+
+        rows = min(EXACT_QUERIES, lq)
+        exact = exact_rows(q, k, v, mask, rows)
+        row["sdpa_rel_err_vs_exact"] = rel_err(ref[:, :rows], exact)
+        row["sage_rel_err_vs_exact"] = rel_err(out[:, :rows], exact)
+        _, lse = sage_triton.sage_attention(q[:, :rows], k, v, key_mask=mask, return_lse=True)
+        scores = (q[:, :rows].float().transpose(1, 2) @ k.float().transpose(1, 2).transpose(-1, -2)) / math.sqrt(HEAD_DIM)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        row["sage_lse_max_abs_err"] = (lse - torch.logsumexp(scores, dim=-1)).abs().max().item()
+        del exact, scores, out, ref
+
+    best = min(t for t in (row["sdpa_ms"], row.get("sdpa_cudnn_ms"), row.get("sdpa_flash_ms")) if t)
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["sage_ms"]
+    row["speedup_vs_best_sdpa"] = best / row["sage_ms"]
+    row["sdpa_tflops"] = flops / row["sdpa_ms"] / 1e9
+    row["sage_tflops"] = flops / row["sage_ms"] / 1e9
+    del q, k, v
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_block(resolution, iters):
+    """One Wan 2.1 14B block at `resolution`, sdpa against sage_triton."""
+    import torch
+    from bench_model import LATENT_FRAMES, RESOLUTIONS, build_ours, event_time_ms
+    frames, (h, w) = LATENT_FRAMES, RESOLUTIONS[resolution]
+    torch.manual_seed(0)
+    model = build_ours("14B", layers=1)
+    x = [torch.randn(16, frames, h, w, device="cuda")]
+    t = torch.tensor([500.0], device="cuda")
+    context = [torch.randn(512, 4096, device="cuda")]
+    row = {"case": f"14B_block_{resolution}", "tokens": frames * (h // 2) * (w // 2)}
+    with torch.inference_mode():
+        tok, ctx, _, _ = model.embed(x, t, context)
+        block = model.blocks[0]
+        ref = block(tok, ctx)
+        row["sdpa_ms"] = event_time_ms(lambda: block(tok, ctx), iters=iters, warmup=2)
+        model.set_attention_backend("sage_triton")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = block(tok, ctx)
+        torch.cuda.synchronize()
+        row["sage_first_call_s"] = time.perf_counter() - start
+        row["sage_ms"] = event_time_ms(lambda: block(tok, ctx), iters=iters, warmup=2)
+        row["rel_err_vs_sdpa"] = rel_err(out, ref)
+        # the block's output is x + its updates: the error of the update alone says more
+        row["update_rel_err_vs_sdpa"] = rel_err(out - tok, ref - tok)
+        model.set_attention_backend("sdpa")
+    row["speedup"] = row["sdpa_ms"] / row["sage_ms"]
+    del model, tok, ctx, ref, out
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    args = parse_args()
+    import torch
+    import triton
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU.")
+    from bench_model import event_time_ms
+    from wanvideo.modules import sage_triton
+
+    start = time.time()
+    capability = torch.cuda.get_device_capability(0)
+    info = {"device": torch.cuda.get_device_name(0), "capability": f"{capability[0]}.{capability[1]}",
+            "torch": torch.__version__, "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
+            "pv": "fp8 e4m3" if sage_triton.fp8_supported(torch.device("cuda", 0)) else "fp16 (no fp8 tensor cores)"}
+    print(json.dumps(info), flush=True)
+    results, blocks = [], []
+    for name in args.cases:
+        row = bench_case(name, args.iters, event_time_ms)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if not args.no_block:
+        for resolution in [r for r in args.block_resolutions.split(",") if r]:
+            row = bench_block(resolution, args.iters)
+            blocks.append(row)
+            print(json.dumps(row), flush=True)
+    kernel = sage_triton._sage_attention_kernel
+    info["tuned_configs"] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
+    info["seconds"] = time.time() - start
+
+    out_dir = os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "out"))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "attention.json"), "w") as f:
+        json.dump({"info": info, "attention": results, "blocks": blocks}, f, indent=1)
+
+    print(f"\n{info['device']} (sm {info['capability']})  torch {info['torch']}  triton {info['triton']}  "
+          f"P/V {info['pv']}  {info['seconds']:.0f} s")
+    fmt = lambda value, spec: "-" if value is None else format(value, spec)
+    print(f"{'case':<30} {'sdpa ms':>8} {'cudnn':>8} {'flash':>8} {'sage ms':>8} {'quant':>6} {'x sdpa':>7} "
+          f"{'x best':>7} {'TF/s':>5} {'err/sdpa':>9} {'sdpa/ex':>8} {'sage/ex':>8}")
+    for r in results:
+        print(f"{r['case']:<30} {r['sdpa_ms']:>8.2f} {fmt(r.get('sdpa_cudnn_ms'), '8.2f'):>8} "
+              f"{fmt(r.get('sdpa_flash_ms'), '8.2f'):>8} {r['sage_ms']:>8.2f} {r['sage_quantize_ms']:>6.2f} "
+              f"{r['speedup_vs_sdpa']:>7.2f} {r['speedup_vs_best_sdpa']:>7.2f} {r['sage_tflops']:>5.0f} "
+              f"{r['sage_rel_err_vs_sdpa']:>9.4f} {r['sdpa_rel_err_vs_exact']:>8.4f} {r['sage_rel_err_vs_exact']:>8.4f}")
+    for r in blocks:
+        print(f"{r['case']:<30} sdpa {r['sdpa_ms']:.1f} ms  sage {r['sage_ms']:.1f} ms  x{r['speedup']:.2f}  "
+              f"rel err {r['rel_err_vs_sdpa']:.4f} (update {r['update_rel_err_vs_sdpa']:.4f})")
+    print("tuned:", info["tuned_configs"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""How fast each GPU computes, relative to the others: a short bf16 matmul probe, cached.
+
+The planner splits work between unlike GPUs by memory and by speed. `relative_speeds(gpus)`
+answers {torch index: speed}, the fastest GPU 1.0:
+
+  - a GPU dict may carry 'relative_speed' (tests, or a user who knows better): used as given;
+  - GPUs of one model (the same name) are equally fast: nothing is measured;
+  - otherwise each GPU is timed once (probe_tflops: PROBE_REPEATS bf16 matmuls of PROBE_SIZE square,
+    about 0.1 s on a current GPU) and the figure cached by GPU UUID (or name) in memory and in a
+    small JSON file (default_cache_path(): $WANVIDEO_GPU_SPEED_CACHE, else
+    $XDG_CACHE_HOME/wanvideo-multigpu/gpu_speed.json, else ~/.cache/...); a later run reads it;
+  - on a machine without CUDA (an injected inventory planned on a CPU) nothing is probed: equal.
+
+Probing initialises CUDA in this process (the distributed workers are spawned, not forked, so
+they do not mind); it runs only for an inventory that mixes GPU models.
+"""
+import json
+import logging
+import os
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["relative_speeds", "probe_tflops", "default_cache_path", "clear_speed_cache"]
+
+PROBE_SIZE = 4096
+PROBE_REPEATS = 8
+_measured = {}  # cache key -> TFLOPS measured in this process
+
+
+def default_cache_path():
+    """Where measured speeds are kept between runs."""
+    explicit = os.environ.get("WANVIDEO_GPU_SPEED_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "wanvideo-multigpu", "gpu_speed.json")
+
+
+def clear_speed_cache():
+    """Forget the speeds measured in this process (the file stays)."""
+    _measured.clear()
+
+
+def _key(gpu):
+    return gpu.get("uuid") or gpu.get("name") or f"index {gpu['index']}"
+
+
+def probe_tflops(index, size=PROBE_SIZE, repeats=PROBE_REPEATS):
+    """Achieved bf16 TFLOPS of `repeats` size x size matmuls on cuda:index (after one warm-up)."""
+    device = torch.device("cuda", index)
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    torch.matmul(a, b)
+    torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - began
+    del a, b
+    return 2 * size ** 3 * repeats / seconds / 1e12
+
+
+def _read_cache(path):
+    if not path:
+        return {}
+    try:
+        with open(path) as file:
+            data = json.load(file)
+        return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def _write_cache(path, figures):
+    if not path:
+        return
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as file:
+            json.dump(figures, file, indent=1, sort_keys=True)
+    except OSError as error:  # a read-only home is no reason to fail a plan
+        logger.info("Could not keep the GPU speeds in %s: %s", path, error)
+
+
+def _given(gpus):
+    values = [g.get("relative_speed") for g in gpus]
+    if all(v is None for v in values):
+        return None
+    for gpu, value in zip(gpus, values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"GPU {gpu.get('index')}: relative_speed={value!r} is not a positive number; give every "
+                             "GPU a relative_speed (the fastest 1.0), or none to let the planner measure them.")
+    return {g["index"]: float(v) for g, v in zip(gpus, values)}
+
+
+def relative_speeds(gpus, probe=None, cache_path=None):
+    """{torch index: speed relative to the fastest (1.0)} and how it was found ('given', 'same model',
+    'measured', 'not measured') -> (speeds, source). probe: a function index -> TFLOPS (default
+    probe_tflops); cache_path: the JSON file (None: default_cache_path(); '' or False: memory only)."""
+    if not gpus:
+        return {}, "no GPU"
+    given = _given(gpus)
+    if given is not None:
+        fastest = max(given.values())
+        return {i: v / fastest for i, v in given.items()}, "given"
+    if len({g.get("name") for g in gpus}) == 1:
+        return {g["index"]: 1.0 for g in gpus}, "same model"
+    if probe is None:
+        if not torch.cuda.is_available():
+            return {g["index"]: 1.0 for g in gpus}, "not measured"
+        probe = probe_tflops
+    path = default_cache_path() if cache_path is None else cache_path
+    stored = _read_cache(path)
+    figures, changed = {}, False
+    for gpu in gpus:
+        key = _key(gpu)
+        if key not in _measured:
+            if key in stored:
+                _measured[key] = stored[key]
+            else:
+                try:
+                    _measured[key] = float(probe(gpu["index"]))
+                except Exception as error:  # a busy or broken GPU: plan without its speed
+                    logger.warning("Could not time GPU %s (%s): its speed is taken as equal to the others'.",
+                                   gpu["index"], error)
+                    return {g["index"]: 1.0 for g in gpus}, "not measured"
+                stored[key], changed = _measured[key], True
+                logger.info("GPU %s (%s): %.0f bf16 TFLOPS measured.", gpu["index"], gpu.get("name"), _measured[key])
+        figures[gpu["index"]] = _measured[key]
+    if changed:
+        _write_cache(path, stored)
+    fastest = max(figures.values())
+    return {i: v / fastest for i, v in figures.items()}, "measured"

@@ -46,7 +46,9 @@ class WanMultiGPUModelLoader:
                                                          "in CPU memory, moved to the GPU for each run."}),
                 "attention_mode": (api.ATTENTION_MODES(), {
                     "default": "sdpa", "tooltip": "Attention implementation: PyTorch SDPA, or flash-attn / "
-                                                  "SageAttention where installed."}),
+                                                  "SageAttention where installed. sage_triton (NVIDIA GPUs, needs "
+                                                  "triton): this pack's own 8-bit attention (INT8 Q/K, FP8 P/V; "
+                                                  "fp16 P/V before Ada/Hopper); experimental, small quality cost."}),
             },
             "optional": {
                 "lora": (LORA_TYPE, {"tooltip": "LoRAs from 'WanVideo LoRA Select (Multi-GPU pack)', merged at load."}),

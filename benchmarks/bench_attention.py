@@ -5,7 +5,8 @@ Attention at Wan shapes, bf16, batch 1, head dim 128: self-attention with 12 and
 tokens to 512 text tokens (and 257 CLIP image tokens, i2v), once with a ragged text mask. For each:
   - times (CUDA events, median, same process): the package's SDPA call (the model's path), SDPA
     restricted to cuDNN and to flash (where they run), sage_triton, and sage_triton's quantization
-    alone; its first call (compile + autotune) separately;
+    alone; its first call (compile + autotune) separately, with every tuned config's time; for
+    self-attention also sage_triton with fp16 P/V (INT8 Q/K only), to see what FP8 P/V buys;
   - accuracy: relative L2 error of sage_triton against bf16 SDPA over the whole output, and of both
     against exact fp32 attention on the first 512 queries.
 Then one real-size Wan 2.1 14B block (random weights, benchmarks/bench_model.py's build_ours) at 480p
@@ -125,14 +126,26 @@ def bench_case(name, iters, event_time_ms):
                 row[label] = None
                 row[label.replace("_ms", "_error")] = " ".join(str(error).split())[:200]
 
+        kernel = sage_triton._sage_attention_kernel
+        tuned_before = getattr(kernel, "configs_timings", None)
         torch.cuda.synchronize()
         start = time.perf_counter()
         out = attention(q, k, v, key_mask=mask, backend="sage_triton")   # compiles and tunes on first use
         torch.cuda.synchronize()
         row["sage_first_call_s"] = time.perf_counter() - start
+        timings = getattr(kernel, "configs_timings", None)
+        if timings is not None and timings is not tuned_before:  # this call tuned: every config's ms
+            row["tuning_ms"] = {str(config): [round(t, 4) for t in ms] for config, ms in timings.items()}
         row["sage_ms"] = event_time_ms(lambda: attention(q, k, v, key_mask=mask, backend="sage_triton"), iters=iters)
         row["sage_quantize_ms"] = event_time_ms(lambda: sage_triton.quantize(q, k, v, key_mask=mask), iters=iters)
         row["sage_rel_err_vs_sdpa"] = rel_err(out, ref)
+        if name.startswith("self_") and row["sage_ms"] > 0:
+            # the other P/V precision (fp16: INT8 Q/K only), to see what FP8 P/V buys on this GPU
+            fp16_pv = sage_triton.sage_attention(q, k, v, key_mask=mask, pv_fp8=False)
+            row["sage_fp16pv_ms"] = event_time_ms(
+                lambda: sage_triton.sage_attention(q, k, v, key_mask=mask, pv_fp8=False), iters=iters)
+            row["sage_fp16pv_rel_err_vs_sdpa"] = rel_err(fp16_pv, ref)
+            del fp16_pv
 
         rows = min(EXACT_QUERIES, lq)
         exact = exact_rows(q, k, v, mask, rows)
@@ -205,12 +218,20 @@ def main():
     print(json.dumps(info), flush=True)
     results, blocks = [], []
     for name in args.cases:
-        row = bench_case(name, args.iters, event_time_ms)
+        try:
+            row = bench_case(name, args.iters, event_time_ms)
+        except Exception as error:  # keep the other cases (and say why this one failed)
+            row = {"case": name, "error": f"{type(error).__name__}: {' '.join(str(error).split())[:1000]}"}
+            torch.cuda.empty_cache()
         results.append(row)
         print(json.dumps(row), flush=True)
     if not args.no_block:
         for resolution in [r for r in args.block_resolutions.split(",") if r]:
-            row = bench_block(resolution, args.iters)
+            try:
+                row = bench_block(resolution, args.iters)
+            except Exception as error:
+                row = {"case": f"14B_block_{resolution}", "error": f"{type(error).__name__}: {' '.join(str(error).split())[:1000]}"}
+                torch.cuda.empty_cache()
             blocks.append(row)
             print(json.dumps(row), flush=True)
     kernel = sage_triton._sage_attention_kernel
@@ -226,13 +247,20 @@ def main():
           f"P/V {info['pv']}  {info['seconds']:.0f} s")
     fmt = lambda value, spec: "-" if value is None else format(value, spec)
     print(f"{'case':<30} {'sdpa ms':>8} {'cudnn':>8} {'flash':>8} {'sage ms':>8} {'quant':>6} {'x sdpa':>7} "
-          f"{'x best':>7} {'TF/s':>5} {'err/sdpa':>9} {'sdpa/ex':>8} {'sage/ex':>8}")
+          f"{'x best':>7} {'TF/s':>5} {'err/sdpa':>9} {'sdpa/ex':>8} {'sage/ex':>8} {'fp16PV ms':>9}")
     for r in results:
+        if "error" in r:
+            print(f"{r['case']:<30} FAILED {r['error'][:200]}")
+            continue
         print(f"{r['case']:<30} {r['sdpa_ms']:>8.2f} {fmt(r.get('sdpa_cudnn_ms'), '8.2f'):>8} "
               f"{fmt(r.get('sdpa_flash_ms'), '8.2f'):>8} {r['sage_ms']:>8.2f} {r['sage_quantize_ms']:>6.2f} "
               f"{r['speedup_vs_sdpa']:>7.2f} {r['speedup_vs_best_sdpa']:>7.2f} {r['sage_tflops']:>5.0f} "
-              f"{r['sage_rel_err_vs_sdpa']:>9.4f} {r['sdpa_rel_err_vs_exact']:>8.4f} {r['sage_rel_err_vs_exact']:>8.4f}")
+              f"{r['sage_rel_err_vs_sdpa']:>9.4f} {r['sdpa_rel_err_vs_exact']:>8.4f} {r['sage_rel_err_vs_exact']:>8.4f} "
+              f"{fmt(r.get('sage_fp16pv_ms'), '9.2f'):>9}")
     for r in blocks:
+        if "error" in r:
+            print(f"{r['case']:<30} FAILED {r['error'][:200]}")
+            continue
         print(f"{r['case']:<30} sdpa {r['sdpa_ms']:.1f} ms  sage {r['sage_ms']:.1f} ms  x{r['speedup']:.2f}  "
               f"rel err {r['rel_err_vs_sdpa']:.4f} (update {r['update_rel_err_vs_sdpa']:.4f})")
     print("tuned:", info["tuned_configs"])

@@ -80,6 +80,7 @@ SIZES = {"1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
          "tiny": dict(dim=96, ffn_dim=192, num_heads=6, num_layers=4, freq_dim=32, text_dim=32)}
 # case: (size, (width, height), frames, cfg) -- the names of bench_multi_gpu.py's cases
 CASES = {"14B_720p": ("14B", (1280, 720), 81, 5.0), "14B_720p_cfg1": ("14B", (1280, 720), 81, 1.0),
+         "14B_480p_cfg1": ("14B", (832, 480), 81, 1.0),
          "1.3B_480p": ("1.3B", (832, 480), 81, 5.0), "1.3B_480p_cfg1": ("1.3B", (832, 480), 81, 1.0)}
 DRY_CASES = {"tiny_cfg5": ("tiny", (64, 48), 9, 5.0), "tiny_cfg1": ("tiny", (64, 48), 9, 1.0)}
 GPU_COUNTS = (2, 4, 8)

@@ -21,6 +21,7 @@ from .checkpoint import inspect_checkpoint, load_wan_model
 from .devices import DeviceOutOfMemoryError, release_memory
 from .engine import BlockSwapSettings, compile_blocks, enable_block_swap, enable_fp8_fast, get_block_swapper
 from .engine.parking import park_tensors
+from .modules.attention import check_backend
 from .quantization import FAST_MODES
 from .sampling import sample_video
 
@@ -37,6 +38,9 @@ class LoadSettings:
     loras: list = field(default_factory=list)   # [(path, strength), ...]
     block_swap: Optional[BlockSwapSettings] = None
     compile_args: Optional[dict] = None  # keyword arguments of wanvideo.engine.compile_blocks
+
+    def __post_init__(self):
+        check_backend(self.attention_mode)  # an unknown or unusable attention fails before any file is read
 
     @property
     def swaps_blocks(self):

@@ -321,13 +321,16 @@ def test_api_front_and_official_boundary(expert_files, single_device):
     pipeline.unload()
 
 
-def test_distributed_pair_on_two_gloo_ranks(expert_files, single_device):
-    """Two worker groups (one per expert) on the same two CPU 'GPUs', driven step by step."""
-    (high, _), (low, _) = expert_files["t2v"]
-    pipeline = load_expert_pair(high, low, "distributed", settings=FP32, devices=[CPU, CPU])
+@pytest.mark.parametrize("kind, ranks", [("t2v", 2), ("i2v", 4)])
+def test_distributed_pair_on_gloo_ranks(expert_files, single_device, kind, ranks):
+    """Two worker groups (one per expert) on the same CPU 'GPUs', driven step by step."""
+    (high, _), (low, _) = expert_files[kind]
+    devices = [torch.device("cpu", i) for i in range(ranks)]
+    pipeline = load_expert_pair(high, low, "distributed", settings=FP32, devices=devices)
     try:
         assert "two worker groups" in pipeline.describe()
-        assert relative_error(run_pair(pipeline, "t2v"), single_device["t2v"]) <= 1e-5
+        assert [len(p.runner.devices) for p in pipeline.pipelines.values()] == [ranks, ranks]
+        assert relative_error(run_pair(pipeline, kind), single_device[kind]) <= 1e-5
     finally:
         pipeline.unload()
 

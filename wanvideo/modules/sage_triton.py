@@ -94,6 +94,23 @@ def _round_to_e4m3_mantissa(x):
 # --- quantization kernels ------------------------------------------------------------------------
 
 @triton.jit
+def _load_token_block(X, BIAS, block, bh, L, H, stride_xb, stride_xl, stride_xh, L_PAD,
+                      HEAD_DIM: tl.constexpr, QUANT_BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Tokens block * QUANT_BLOCK ... of (batch, head) bh of X [B, L, H, D] -> (x [QUANT_BLOCK, D] float32,
+    zero on padding and, with HAS_MASK, on masked keys (BIAS [B, L_PAD] not 0); real [QUANT_BLOCK]:
+    which tokens are neither; their offsets along L; the offsets along D)."""
+    b, h = bh // H, bh % H
+    offs_l = block * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    real = offs_l < L
+    if HAS_MASK:
+        real = real & (tl.load(BIAS + b * L_PAD + offs_l) == 0.0)
+    x = tl.load(X + b * stride_xb + h * stride_xh + offs_l[:, None] * stride_xl + offs_d[None, :],
+                mask=real[:, None], other=0.0).to(tl.float32)
+    return x, real, offs_l, offs_d
+
+
+@triton.jit
 def _quantize_qk_kernel(X, MEAN, BIAS, OUT, SCALE, SHIFT,
                         L, H, stride_xb, stride_xl, stride_xh,
                         L_PAD, N_SCALES, factor, shift_factor,
@@ -106,14 +123,8 @@ def _quantize_qk_kernel(X, MEAN, BIAS, OUT, SCALE, SHIFT,
     tokens whose BIAS [B, L_PAD] is not 0 (masked keys) are quantized as 0, so they do not widen the
     block's scale (their content is arbitrary: padding)."""
     block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets pass 2^31 at large B*H*L
-    b, h = bh // H, bh % H
-    offs_l = block * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    real = offs_l < L
-    if HAS_MASK:
-        real = real & (tl.load(BIAS + b * L_PAD + offs_l) == 0.0)
-    x = tl.load(X + b * stride_xb + h * stride_xh + offs_l[:, None] * stride_xl + offs_d[None, :],
-                mask=real[:, None], other=0.0).to(tl.float32)
+    x, real, offs_l, offs_d = _load_token_block(X, BIAS, block, bh, L, H, stride_xb, stride_xl, stride_xh, L_PAD,
+                                                HEAD_DIM, QUANT_BLOCK, HAS_MASK)
     if COMPUTE_SHIFT:
         mean = tl.load(MEAN + bh * HEAD_DIM + offs_d)
         tl.store(SHIFT + bh * L + offs_l, tl.sum(x * mean[None, :], axis=1) * shift_factor, mask=real)
@@ -135,14 +146,8 @@ def _quantize_v_kernel(X, SCALE, BIAS, OUT, L, H, stride_xb, stride_xl, stride_x
     """One block of tokens of V [B, L, H, D] -> OUT [B, H, D, L_PAD] (fp8 e4m3 or fp16, tokens
     contiguous), divided by its per-channel SCALE [B, H, D]; padding (and masked, HAS_MASK) tokens are 0."""
     block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets pass 2^31 at large B*H*L
-    b, h = bh // H, bh % H
-    offs_l = block * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    real = offs_l < L
-    if HAS_MASK:
-        real = real & (tl.load(BIAS + b * L_PAD + offs_l) == 0.0)
-    x = tl.load(X + b * stride_xb + h * stride_xh + offs_l[:, None] * stride_xl + offs_d[None, :],
-                mask=real[:, None], other=0.0).to(tl.float32)
+    x, real, offs_l, offs_d = _load_token_block(X, BIAS, block, bh, L, H, stride_xb, stride_xl, stride_xh, L_PAD,
+                                                HEAD_DIM, QUANT_BLOCK, HAS_MASK)
     x = x / tl.load(SCALE + bh * HEAD_DIM + offs_d)[None, :]
     if SOFT_ROUND:
         x = _round_to_e4m3_mantissa(x)

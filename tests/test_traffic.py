@@ -100,6 +100,52 @@ def test_collective_bytes_per_forward(two_rank_traffic, timesteps):
         assert {entry[0] for entry in log} == {"all_to_all_single", "all_gather"}
 
 
+# --- cfg 1 with a batch of two: the CFG groups share the batch (the expert pair's cond + uncond) ----
+
+def _halves_rank(rank, world_size, port, path, out_folder):
+    from wanvideo.parallel.distributed.cfg_parallel import GuidedVelocityModel, splits_in_two
+    from wanvideo.parallel.distributed.topology import ParallelGroups, choose_degrees
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    plain, model = load_wan_model(path, CPU, "fp32"), load_wan_model(path, CPU, "fp32")
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(16, *GRID, generator=g) for _ in range(2)]              # two videos of one size
+    context = [torch.randn(7, 32, generator=g), torch.randn(4, 32, generator=g)]
+    t = torch.tensor([600.0, 600.0])
+    degrees = choose_degrees(world_size, HEADS, use_cfg=splits_in_two(x))   # what serving.layout picks
+    groups = ParallelGroups(degrees)
+    batches, forward = [], model.forward
+    model.forward = lambda x, *args, **kwargs: batches.append(len(x)) or forward(x, *args, **kwargs)
+    log = []
+    _count_collectives(log)
+    with torch.no_grad():
+        out = GuidedVelocityModel(model, groups, None, 1.0)(x, t, context)
+    for collective in COLLECTIVES:
+        setattr(dist, collective, getattr(dist, collective).__kwdefaults__["_original"])
+    with torch.no_grad():
+        expected = plain(x, t, context)
+    result = dict(degrees=str(degrees), batches=batches, log=log,
+                  errors=[relative_error(o, e) for o, e in zip(out, expected)])
+    with open(os.path.join(out_folder, f"halves{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_cfg1_batch_of_two_is_shared_by_the_cfg_groups(tmp_path):
+    """At cfg 1 two videos of one size go one to each CFG group (no all-to-all), each rank's model runs
+    one video, and one gather of the outputs gives both on every rank, equal to the plain model."""
+    path, _, _ = make_tiny_checkpoint(tmp_path / "t2v.safetensors", "t2v", dim=DIM, num_heads=HEADS)
+    torch_mp.start_processes(_halves_rank, args=(2, free_port(), str(path), str(tmp_path)), nprocs=2,
+                             start_method="fork")
+    for rank in range(2):
+        result = json.loads((tmp_path / f"halves{rank}.json").read_text())
+        assert result["degrees"] == "cfg 2 x ulysses 1 x ring 1"
+        assert result["batches"] == [1]
+        assert [entry[0] for entry in result["log"]] == ["all_gather"]
+        assert result["log"][0][2] == 16 * GRID[0] * GRID[1] * GRID[2] * 4  # one video's fp32 velocity
+        assert max(result["errors"]) <= 1e-5
+
+
 # --- pipelined block distribution with block swap: one upload per swapped block and step --------
 
 def test_pipelined_stage_with_swap_uploads_each_block_once_per_step(tmp_path):

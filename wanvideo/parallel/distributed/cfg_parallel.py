@@ -52,6 +52,8 @@ class GuidedVelocityModel:
     def __call__(self, x, t, context, seq_len=None, clip_fea=None, y=None):
         """x: list of B [C, F, H, W]; t [B]; context: list of B [L, 4096] (positive) -> list of B [16, F, H, W]."""
         if self.cfg == 1:
+            if self.groups.degrees.cfg == 2 and splits_in_two(x):
+                return self._halves(x, t, context, seq_len, clip_fea, y)
             return self.model(x, t, context, seq_len=seq_len, clip_fea=clip_fea, y=y)
         neg_context, neg_clip, neg_y = self._negative_branch(clip_fea, y)
         if self.groups.degrees.cfg == 1:
@@ -62,8 +64,28 @@ class GuidedVelocityModel:
                 mine = self.model(x, t, context, seq_len=seq_len, clip_fea=clip_fea, y=y)
             else:
                 mine = self.model(x, t, neg_context, seq_len=seq_len, clip_fea=neg_clip, y=neg_y)
-            # One flat exchange serves batches of videos of different sizes too.
-            both = all_gather_along(torch.cat([v.flatten() for v in mine])[None], 0, self.groups.cfg_group, 2)
-            sizes = [v.numel() for v in mine]
-            cond, uncond = ([part.view_as(v) for part, v in zip(branch.split(sizes), mine)] for branch in both)
+            cond, uncond = self._exchange(mine)
         return [u + self.cfg * (c - u) for c, u in zip(cond, uncond)]
+
+    def _exchange(self, mine):
+        """This CFG group's outputs (a list) -> (CFG group 0's, CFG group 1's), on every rank. One flat
+        exchange serves batches of videos of different sizes too (both groups' lists alike)."""
+        both = all_gather_along(torch.cat([v.flatten() for v in mine])[None], 0, self.groups.cfg_group, 2)
+        sizes = [v.numel() for v in mine]
+        return tuple([part.view_as(v) for part, v in zip(branch.split(sizes), mine)] for branch in both)
+
+    def _halves(self, x, t, context, seq_len, clip_fea, y):
+        """cfg 1 with a batch of 2n videos of one size (two videos, or the cond and uncond halves an
+        expert pair's loop sends in one request): CFG group r runs items [r n, (r + 1) n) and the
+        groups swap their halves, instead of both running all 2n."""
+        n, r = len(x) // 2, self.groups.cfg_rank
+        part = slice(r * n, (r + 1) * n)
+        mine = self.model(x[part], t[part], context[part], seq_len=seq_len,
+                          clip_fea=None if clip_fea is None else clip_fea[part], y=None if y is None else y[part])
+        first, second = self._exchange(mine)
+        return first + second
+
+
+def splits_in_two(x):
+    """Whether a batch (list of [C, F, H, W]) is 2n videos of one size: what CFG groups can share at cfg 1."""
+    return len(x) >= 2 and len(x) % 2 == 0 and all(v.shape == x[0].shape for v in x)

@@ -90,7 +90,8 @@ class WanWorkerClient:
     # --- the front -----------------------------------------------------------------------------
 
     def degrees_for(self, cfg):
-        """The layout a run with this guidance scale uses."""
+        """The layout a run of one video with this guidance scale uses (at cfg 1, a batch of 2n videos of
+        one size takes the CFG split instead: cfg_parallel.splits_in_two)."""
         return self.degrees or choose_degrees(self.world_size, self.num_heads, use_cfg=cfg != 1)
 
     def sample(self, noise, positive, negative=None, steps=30, cfg=5.0, shift=5.0, scheduler="unipc", denoise=1.0,

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ...pipeline import LoadSettings, load_prepared_model
 from ...sampling.loop import sample_video
-from .cfg_parallel import GuidedVelocityModel
+from .cfg_parallel import GuidedVelocityModel, splits_in_two
 from .sequence_parallel import apply_sequence_parallel
 from .sharding import load_sharded_model
 from .topology import ParallelGroups, choose_degrees
@@ -50,9 +50,12 @@ class WorkerSession:
         self._groups = {}
         self._applied = None
 
-    def layout(self, degrees, cfg):
-        """ParallelGroups for `degrees` (or the automatic choice for this cfg), applied to the model."""
-        degrees = degrees or choose_degrees(self.world_size, self.model.num_heads, use_cfg=cfg != 1)
+    def layout(self, degrees, cfg, halves=False):
+        """ParallelGroups for `degrees` (or the automatic choice for this cfg), applied to the model.
+        halves: the batch can be halved between two CFG groups (cfg_parallel.splits_in_two), which
+        at cfg 1 then share it as at cfg > 1 they share the branches."""
+        use_cfg = cfg != 1 or halves
+        degrees = degrees or choose_degrees(self.world_size, self.model.num_heads, use_cfg=use_cfg)
         if degrees not in self._groups:
             self._groups[degrees] = ParallelGroups(degrees, self.rank, self.world_size)
         groups = self._groups[degrees]
@@ -79,7 +82,7 @@ class WorkerSession:
           through `any_rank`, so all of them leave at the same step: RunInterrupted).
         on_step(step_index, total_steps, x0): called after each step.
         """
-        groups = self.layout(request.degrees, request.cfg)
+        groups = self.layout(request.degrees, request.cfg, splits_in_two(list(request.latents)))
         guided = GuidedVelocityModel(self.model, groups, request.negative, request.cfg)
         if request.kind == "forward":
             if self.any_rank(stop_requested()):

@@ -48,7 +48,10 @@ class WanMultiGPUModelLoader:
                     "default": "sdpa", "tooltip": "Attention implementation: PyTorch SDPA, or flash-attn / "
                                                   "SageAttention where installed. sage_triton (NVIDIA GPUs, needs "
                                                   "triton): this pack's own 8-bit attention (INT8 Q/K, FP8 P/V; "
-                                                  "fp16 P/V before Ada/Hopper); experimental, small quality cost."}),
+                                                  "fp16 P/V before Ada/Hopper); experimental, small quality cost. "
+                                                  "auto: on NVIDIA GPUs with triton, times sdpa against sage_triton "
+                                                  "on the first call of each attention shape and keeps the faster "
+                                                  "(logged); sdpa elsewhere."}),
             },
             "optional": {
                 "lora": (LORA_TYPE, {"tooltip": "LoRAs from 'WanVideo LoRA Select (Multi-GPU pack)', merged at load."}),

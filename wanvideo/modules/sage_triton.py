@@ -294,9 +294,9 @@ def quantize(q, k, v, pv_fp8=True, with_shift=False, key_mask=None):
         keep = key_mask.to(device=dev, dtype=torch.bool)
         bias = torch.full((batch, lk_pad), float("-inf"), dtype=torch.float32, device=dev)
         bias[:, :lk].masked_fill_(keep, 0.0)
-        weight = keep[:, :, None, None].to(k.dtype)
-        k_mean = (k * weight).sum(dim=1, dtype=torch.float32) / keep.sum(dim=1).clamp_min(1)[:, None, None]
-        v_amax = (v * weight).abs().amax(dim=1)
+        real = keep[:, :, None, None]  # where, not a 0/1 product: a NaN or inf in padding times 0 is NaN
+        k_mean = torch.where(real, k, 0).sum(dim=1, dtype=torch.float32) / keep.sum(dim=1).clamp_min(1)[:, None, None]
+        v_amax = torch.where(real, v, 0).abs().amax(dim=1)
     k_mean = k_mean.contiguous()
     # Per-channel V scale to e4m3's range; the tiny floor keeps an all-zero channel finite.
     v_scale = (v_amax.float() / FP8_MAX).clamp_min(1e-30).contiguous()                        # [B, H, D]

@@ -17,6 +17,11 @@ Padding keys (key_mask False) take no part anywhere; the mask shards are all-gat
 forward (all blocks share one mask) so each rank knows which keys it attends to are real. When the
 padding sits at the end of the sequence for the whole batch (sequence-parallel padding, batch of
 one) the padding keys are cut off instead of masked, so fused kernels without mask support apply.
+
+The ring's partial attentions follow the model's attention mode: with 'sage_triton' they come from the
+8-bit kernel, which returns the log-sum-exp itself (where it runs: CUDA, head dim 128); with 'auto',
+from whichever of it and PyTorch's fused kernels measured faster for the chunk's shape; otherwise
+from PyTorch's kernels.
 """
 import logging
 import math
@@ -24,6 +29,8 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from ...modules.attention import auto_choice, op_backend, sage_triton_runs_on
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +82,14 @@ def _fast_attention_with_lse(q, k, v, key_mask):
     return None
 
 
-def attention_with_lse(q, k, v, key_mask=None, fused=True):
+def _sage_attention_with_lse(q, k, v, key_mask):
+    """attention_with_lse through the sage_triton kernel (q [B, Lq, H, 128] on CUDA)."""
+    from ...modules import sage_triton  # imports triton: only when this backend runs
+    out, lse = sage_triton.sage_attention(q, k, v, key_mask, return_lse=True)  # empty rows: 0 and -inf
+    return out.float(), lse
+
+
+def attention_with_lse(q, k, v, key_mask=None, fused=True, backend="sdpa"):
     """Attention and its log-sum-exp, for merging partial attentions.
 
     q [B, Lq, H, D], k/v [B, Lk, H, D], key_mask bool [B, Lk] (True = attend) or None ->
@@ -83,7 +97,21 @@ def attention_with_lse(q, k, v, key_mask=None, fused=True):
     out 0 and lse -inf (it contributes nothing when merged).
     fused: use PyTorch's fused kernels where they exist; False, or a kernel that fails, takes the
     exact float32 math path.
+    backend: the model's attention mode. 'sage_triton' uses the 8-bit kernel where it runs (CUDA,
+    head dim 128; elsewhere, as for the plain call, PyTorch's kernels); 'auto' uses it where it
+    measured faster than PyTorch's kernels for this shape (decided once per shape); other modes, and
+    fused=False (the exact path), use PyTorch's.
     """
+    if fused and backend == "auto":
+        runners = {"sdpa": _torch_attention_with_lse, "sage_triton": _sage_attention_with_lse}
+        backend = auto_choice(q, k, v, key_mask, runners, with_lse=True)
+    if fused and backend == "sage_triton" and sage_triton_runs_on(q):
+        return _sage_attention_with_lse(q, k, v, key_mask)
+    return _torch_attention_with_lse(q, k, v, key_mask, fused)
+
+
+def _torch_attention_with_lse(q, k, v, key_mask, fused=True):
+    """attention_with_lse through PyTorch's fused kernels, or the exact float32 math."""
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     result = None
     key = (q.device.type, q.dtype, key_mask is None)
@@ -209,12 +237,13 @@ class KeyMaskGather:
         return self._keys
 
 
-def ring_attention(q, k, v, keys, groups, fused=True):
+def ring_attention(q, k, v, keys, groups, fused=True, backend="sdpa"):
     """Attention of this rank's queries to the keys of every rank of the ring group.
 
     q, k, v [B, Lc, h, D]: this rank's ring chunk; keys: ChunkKeys, which keys of each chunk are
     real. K/V travel one step around the ring per iteration (sent to the next rank, received from
-    the previous one) while the current chunk is being attended. Returns [B, Lc, h, D] in q's dtype.
+    the previous one) while the current chunk is being attended. backend: the model's attention mode
+    (attention_with_lse). Returns [B, Lc, h, D] in q's dtype.
     """
     ring_size, ring_rank = groups.degrees.ring, groups.ring_rank
     next_rank = groups.ring_ranks[(ring_rank + 1) % ring_size]
@@ -230,7 +259,7 @@ def ring_attention(q, k, v, keys, groups, fused=True):
         source = (ring_rank - step) % ring_size  # whose chunk this rank holds at this step
         chunk_k, chunk_v, mask = keys.restrict(source, kv[0], kv[1])
         if chunk_k.shape[1] > 0:  # a chunk of padding only adds nothing
-            part_out, part_lse = attention_with_lse(q, chunk_k, chunk_v, mask, fused)
+            part_out, part_lse = attention_with_lse(q, chunk_k, chunk_v, mask, fused, backend)
             out, lse = (part_out, part_lse) if lse is None else merge_partial_attention(out, lse, part_out, part_lse)
         if pending is not None:
             for request in pending:
@@ -242,12 +271,14 @@ def ring_attention(q, k, v, keys, groups, fused=True):
 class SequenceParallelAttention:
     """Drop-in `attn_op` for a block's self-attention when its tokens are sharded across the SP group.
 
-    local_op: the op it replaces (used as is when there is no ring: keeps the attention backend);
+    local_op: the op it replaces (used as is when there is no ring: keeps the attention backend; the
+    ring computes its partial attentions with that backend where it can: attention_with_lse);
     mask_gather: the KeyMaskGather shared by all blocks.
     """
 
     def __init__(self, local_op, groups, mask_gather, fused=True):
         self.local_op, self.groups, self.mask_gather, self.fused = local_op, groups, mask_gather, fused
+        self.backend = op_backend(local_op) or "sdpa"
 
     def __call__(self, q, k, v, key_mask=None):
         """q, k, v [B, Ls, H, D] sequence shards; key_mask bool [B, Ls] or None -> [B, Ls, H, D]."""
@@ -264,7 +295,7 @@ class SequenceParallelAttention:
                 q, k, v = (sequence_to_heads(t, ulysses, groups.ulysses_group) for t in (q, k, v))
         keys = self.mask_gather(key_mask)
         if ring > 1:
-            out = ring_attention(q, k, v, keys, groups, self.fused)
+            out = ring_attention(q, k, v, keys, groups, self.fused, self.backend)
         else:
             k, v, mask = keys.restrict(0, k, v)
             out = self.local_op(q, k, v, key_mask=mask)

@@ -31,6 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ...modules.attention import BACKENDS as ATTENTION_BACKENDS
 from ...pipeline import LoadSettings
 from .protocol import ServedModel, decode_request, encode_tensor
 from .serving import RunInterrupted, WorkerSession
@@ -79,7 +80,9 @@ def main(argv=None):
                         help="Wan 2.1 .safetensors file (the same path on every machine)")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--quantization", default="disabled", choices=("disabled", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast"))
-    parser.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash_attn, sageattention")
+    parser.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS,
+                        help="attention backend (default sdpa); auto: per attention shape, the faster of sdpa and "
+                             "sage_triton, timed on the first call")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for trying it out")
     parser.add_argument("--shard-weights", default="off", choices=("off", "on"),
                         help="on: each rank holds 1/N of the weights and gathers each block as it runs (FSDP2)")

@@ -59,7 +59,7 @@ STOP_GRACE_S = 10.0
 #   weights          the weights read from the file onto the device, LoRAs merged (or the shards)
 STARTUP_PHASES = ("spawn", "imports", "cuda_init", "process_group", "weights")
 
-__all__ = ["DistributedWanRunner", "WorkerGroupError", "worker_main", "STARTUP_PHASES"]
+__all__ = ["DistributedWanRunner", "WorkerGroupError", "worker_main", "STARTUP_PHASES", "warm_up_worker_context"]
 
 
 # --- the worker process ---------------------------------------------------------------------------
@@ -177,7 +177,9 @@ def _import_compiler(device):
 def _adopt_environment(environ):
     """Take the parent's environment as it was at the group's start. A forkserver child inherits
     the forkserver's, which is the parent's of an earlier moment (CUDA_VISIBLE_DEVICES, NCCL_*,
-    OMP_NUM_THREADS may have changed since); a spawned child has it already."""
+    TORCH_* may have changed since); a spawned child has it already. Only what is read after this
+    point follows: variables the preloaded libraries read at their import (OpenMP's thread count,
+    say) keep the forkserver's values; the worker sets its thread count itself."""
     for name in set(os.environ) - set(environ):
         del os.environ[name]
     os.environ.update(environ)

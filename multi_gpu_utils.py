@@ -21,6 +21,7 @@ import sys
 from wanvideo.benchmark import (BENCHMARK_STRATEGIES, CPU_WORKLOAD, GPU_WORKLOAD, BenchmarkRunnable, BenchmarkSettings,
                                 benchmark_defaults, benchmark_multi_gpu_performance, check_video_size,
                                 format_benchmark_table, format_progress, register_benchmark_strategy)
+from wanvideo.checkpoint import inspect_checkpoint
 from wanvideo.cli import OneLineArgumentParser, number_at_least, run_reporting_errors
 from wanvideo.devices import parse_devices, parse_gpu_ids
 from wanvideo.gpus import (GIB, MemoryUsageReport, format_gpu_status, get_available_gpus, get_gpu_info,
@@ -37,15 +38,21 @@ __all__ = [
 PROG = "multi_gpu_utils.py"
 
 
-def _add_workload_arguments(parser, by_device):
+WORKLOAD_FLAGS = (("--width", "width"), ("--height", "height"), ("--frames", "frames"), ("--precision", "precision"),
+                  ("--quantization", "quantization"), ("--batch-size", "batch_size"), ("--no-cfg", "no_cfg"))
+
+
+def _add_workload_arguments(parser, by_device, wan22=True):
     """Size and precision options. by_device: None when not given, then chosen for the devices
-    (benchmark_defaults); else the GPU workload's values."""
+    (benchmark_defaults); else the GPU workload's values. wan22: the model may be the TI2V-5B,
+    whose sizes are multiples of 32 (its VAE compresses 16x)."""
     def default(key):
         if by_device:
             return None, f"default {GPU_WORKLOAD[key]} on GPUs, {CPU_WORKLOAD[key]} on CPUs"
         return GPU_WORKLOAD[key], f"default {GPU_WORKLOAD[key]}"
-    for flag, key, text in (("--width", "width", "video width in pixels, a multiple of 16"),
-                            ("--height", "height", "video height in pixels, a multiple of 16"),
+    multiple = "a multiple of 16 (of 32 for the Wan 2.2 TI2V-5B)" if wan22 else "a multiple of 16"
+    for flag, key, text in (("--width", "width", f"video width in pixels, {multiple}"),
+                            ("--height", "height", f"video height in pixels, {multiple}"),
                             ("--frames", "num_frames", "number of frames, 4n + 1")):
         value, note = default(key)
         parser.add_argument(flag, type=number_at_least(int, 1), default=value, help=f"{text} ({note})")
@@ -80,6 +87,9 @@ def _build_parser():
     validate.add_argument("--low-noise-model", help="with --model (the high-noise expert): the Wan 2.2 A14B "
                                                     "low-noise expert; the pair is checked")
     _add_workload_arguments(validate, by_device=False)
+    # None: not given (they need --model); the defaults are filled in by _validate
+    validate.set_defaults(workload_defaults={dest: validate.get_default(dest) for _, dest in WORKLOAD_FLAGS},
+                          **{dest: None for _, dest in WORKLOAD_FLAGS})
     recommend = add("recommend", help="plan the parallelism for a model",
                     description="Read a checkpoint header and print the best plan for these GPUs.")
     recommend.add_argument("model", help="path of a Wan 2.1 / 2.2 .safetensors file (the high-noise expert of an "
@@ -90,7 +100,7 @@ def _build_parser():
     bench = add("benchmark", help="time configurations on a model",
                 description="Run a few denoising forwards per configuration on the same inputs.")
     bench.add_argument("model", help="path of a Wan 2.1 .safetensors file")
-    _add_workload_arguments(bench, by_device=True)
+    _add_workload_arguments(bench, by_device=True, wan22=False)
     bench.add_argument("--configs", help=f"comma-separated strategies (default: all; "
                                          f"registered: {', '.join(BENCHMARK_STRATEGIES)})")
     bench.add_argument("--steps", type=number_at_least(int, 1), default=3, help="timed steps per configuration (default 3)")
@@ -108,8 +118,10 @@ def _status(args):
     return 0
 
 
-def _workload(args):
-    check_video_size(args.width, args.height, args.frames)
+def _workload(args, info):
+    """The plan's workload arguments, the size checked by the sampler's rule for this checkpoint's
+    VAE (info: its CheckpointInfo; multiples of 16, of 32 for the TI2V-5B's Wan 2.2 VAE)."""
+    check_video_size(args.width, args.height, args.frames, info.latent_format)
     return dict(width=args.width, height=args.height, num_frames=args.frames, base_precision=args.precision,
                 quantization=args.quantization, cfg=not args.no_cfg, batch_size=args.batch_size)
 
@@ -117,10 +129,20 @@ def _workload(args):
 def _validate(args):
     if args.low_noise_model and not args.model:
         raise ValueError("--low-noise-model needs --model (the high-noise expert of the same A14B pair).")
+    given = [flag for flag, dest in WORKLOAD_FLAGS if getattr(args, dest) is not None]
+    if given and not args.model:
+        one = len(given) == 1
+        raise ValueError(f"{', '.join(given)} {'describes' if one else 'describe'} the video the model's plan is "
+                         f"checked for and {'needs' if one else 'need'} --model: add --model MODEL.safetensors, or "
+                         f"leave {'it' if one else 'them'} out to check the GPUs alone.")
+    for _, dest in WORKLOAD_FLAGS:
+        if getattr(args, dest) is None:
+            setattr(args, dest, args.workload_defaults[dest])
     ok, message = validate_gpu_setup(args.gpu_ids, None if args.min_free_gib is None else args.min_free_gib * GIB,
                                      args.max_utilization)
     if ok and args.model:
-        ok, message = validate_model_setup(args.gpu_ids, args.model, args.low_noise_model, **_workload(args))
+        info = inspect_checkpoint(args.model)
+        ok, message = validate_model_setup(args.gpu_ids, info, args.low_noise_model, **_workload(args, info))
     print(("OK: " if ok else "Not usable: ") + message)
     return 0 if ok else 1
 
@@ -134,7 +156,8 @@ def _print_plan(config, indent=""):
 
 
 def _recommend(args):
-    config = get_optimal_gpu_config(args.model, low_noise_model=args.low_noise_model, **_workload(args))
+    info = inspect_checkpoint(args.model)
+    config = get_optimal_gpu_config(info, low_noise_model=args.low_noise_model, **_workload(args, info))
     if args.json:
         print(json.dumps(config, indent=2))
         return 0

@@ -20,7 +20,7 @@ and weight sharding off / on:
    real gloo ranks). The stand-ins' copies stay in the timed compute (a small overcount: the real
    collective's local reads and writes are about the same size). Rank 0 stands for all: the
    shards are equal (the last one padded) and every rank runs the same kernels.
-2. With weight sharding, the model is `fully_shard`ed by the package's own `sharding._shard` over a
+2. With weight sharding, the model is `fully_shard`ed by the package's own `sharding.shard` over a
    real process group of one (NCCL on a GPU, gloo on the CPU), so FSDP2's hooks, its all-gather
    copy-in / copy-out and prefetch stream run as on rank r; the bytes rank r then sends per forward
    (every block's and the root's padded row shard, once per forward) are computed from the
@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python benchmarks/X.py`
+from wanvideo.gpus.links import nvlink_gb_per_s, pcie_gb_per_s  # noqa: E402
 from wanvideo.modules.model import WanModel  # noqa: E402
 from wanvideo.parallel.distributed.cfg_parallel import GuidedVelocityModel  # noqa: E402
 from wanvideo.parallel.distributed.sequence_parallel import apply_sequence_parallel  # noqa: E402
@@ -65,15 +66,24 @@ from wanvideo.sampling import Conditioning  # noqa: E402
 LABEL = "projection (not measured)"
 GB = 1e9
 
-# Effective one-direction bandwidth per GPU (bytes/s). Datasheet figures: NVLink 4 on H100 / H200
-# SXM: 900 GB/s total, i.e. 450 GB/s each way (NVIDIA H100 and H200 Tensor Core GPU datasheets);
-# PCIe 4.0 x16: 16 GT/s x 16 lanes with 128b/130b coding = 31.5 GB/s each way; PCIe 5.0 x16: 32 GT/s,
-# 63 GB/s each way (PCI-SIG base specifications 4.0 and 5.0). "Effective" is an assumed 80% of those
-# (protocol overhead and what NCCL reaches on large messages); measure your own with nccl-tests and
-# pass it with --link "NAME=GB/s" (bench_multi_gpu.py --project --link "NVLink 4=380").
-LINKS = {"NVLink 4": dict(datasheet_GBps=450.0, effective_GBps=360.0),
-         "PCIe 5.0 x16": dict(datasheet_GBps=63.0, effective_GBps=50.0),
-         "PCIe 4.0 x16": dict(datasheet_GBps=31.5, effective_GBps=25.0)}
+# Effective one-direction bandwidth per GPU. The datasheet figures are the package's one link table,
+# wanvideo/gpus/links.py (its sources there): NVLink 4 (compute capability 9.0, H100 / H200 SXM)
+# 450 GB/s each way; PCIe 5.0 / 4.0 x16 63 / 31.5 GB/s each way raw (32 / 16 GT/s x 16 lanes,
+# 128b/130b). "Effective" is the projection's own assumption, PROJECTION_EFFICIENCY of those
+# (protocol overhead and what NCCL reaches on large messages; the planner's links.py takes PCIe at
+# its own 0.8 and NVLink at the datasheet figure); measure your own with nccl-tests and pass it with
+# --link "NAME=GB/s" (bench_multi_gpu.py --project --link "NVLink 4=380").
+PROJECTION_EFFICIENCY = 0.8
+
+
+def _link_spec(datasheet_gb_per_s):
+    return dict(datasheet_GBps=round(datasheet_gb_per_s, 1),
+                effective_GBps=round(datasheet_gb_per_s * PROJECTION_EFFICIENCY, 1))
+
+
+LINKS = {"NVLink 4": _link_spec(nvlink_gb_per_s((9, 0))),
+         "PCIe 5.0 x16": _link_spec(pcie_gb_per_s(5, 16, efficiency=1.0)[0]),
+         "PCIe 4.0 x16": _link_spec(pcie_gb_per_s(4, 16, efficiency=1.0)[0])}
 
 SIZES = {"1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
          "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
@@ -313,8 +323,8 @@ def rank_step(work, degrees, layers, shard, stand_ins, rank=0, iters=1):
     world = degrees.world_size
     model = build_blocks_model(work.config, layers, work.device, work.dtype)
     if shard:
-        from wanvideo.parallel.distributed.sharding import _shard
-        _shard(model, work.device, prefetch=True)
+        from wanvideo.parallel.distributed.sharding import shard as shard_model
+        shard_model(model, work.device, prefetch=True)
     with stand_in_groups():
         groups = ParallelGroups(degrees, rank, world)
     apply_sequence_parallel(model, groups)

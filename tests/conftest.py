@@ -38,3 +38,16 @@ def tiny_checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     return {mt: make_tiny_checkpoint(folder / f"wan_tiny_{mt}.safetensors", mt, seed=i)
             for i, mt in enumerate(("t2v", "i2v", "flf2v"))}
+
+
+@pytest.fixture(autouse=True)
+def no_gpu_speed_probe(monkeypatch, tmp_path_factory):
+    """No test times a real GPU or writes ~/.cache: the speed cache is a file of the test's own, and
+    the matmul probe (wanvideo.gpus.speed.probe_tflops) answers 100 TFLOPS for every GPU without
+    touching it. A test that wants other figures patches the probe itself."""
+    from wanvideo.gpus import speed
+    monkeypatch.setenv("WANVIDEO_GPU_SPEED_CACHE", str(tmp_path_factory.mktemp("speed") / "gpu_speed.json"))
+    monkeypatch.setattr(speed, "probe_tflops", lambda index, *args, **kwargs: 100.0)
+    speed.clear_speed_cache()
+    yield
+    speed.clear_speed_cache()

@@ -16,7 +16,10 @@ class FakeNVML:
     """The pynvml functions wanvideo.gpus calls, answering for GPUs described by dicts.
 
     Each GPU: name, uuid, bus (NVML busId, 8-digit domain as NVML prints it), total, used, util,
-    temp, power_mw, cc, gen, width; a key in `unsupported` makes that query raise like NVML does.
+    temp, power_mw, cc, gen, width (the PCIe link's maximum: the GPU with its slot), and optionally
+    gpu_max_gen (the GPU alone; default gen), cur_gen, cur_width (the link now; default gen, width:
+    idle GPUs drop to Gen1); a key in `unsupported` makes that query raise like NVML does ('pcie':
+    every link query, 'pcie_max': the maximum ones only).
     links: {(a, b): 'nvlink' | 'p2p'} in NVML numbering, symmetric.
     """
     NVMLError = FakeNVMLError
@@ -75,10 +78,26 @@ class FakeNVML:
         return self._gpu(handle, "cc")["cc"]
 
     def nvmlDeviceGetCurrPcieLinkGeneration(self, handle):
-        return self._gpu(handle, "pcie")["gen"]
+        gpu = self._gpu(handle, "pcie")
+        return gpu.get("cur_gen", gpu["gen"])
 
     def nvmlDeviceGetCurrPcieLinkWidth(self, handle):
-        return self._gpu(handle, "pcie")["width"]
+        gpu = self._gpu(handle, "pcie")
+        return gpu.get("cur_width", gpu["width"])
+
+    def _max_link(self, handle):
+        self._gpu(handle, "pcie_max")
+        return self._gpu(handle, "pcie")
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle):  # the GPU with this system (its slot)
+        return self._max_link(handle)["gen"]
+
+    def nvmlDeviceGetGpuMaxPcieLinkGeneration(self, handle):  # the GPU alone
+        gpu = self._max_link(handle)
+        return gpu.get("gpu_max_gen", gpu["gen"])
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle):
+        return self._max_link(handle)["width"]
 
     def nvmlDeviceGetP2PStatus(self, handle_a, handle_b, caps_index):
         assert isinstance(caps_index, int)
@@ -88,10 +107,10 @@ class FakeNVML:
         return 0 if link in ("nvlink", "p2p") else 1
 
 
-def fake_gpu(i, name="NVIDIA H100 80GB HBM3", total_gib=80, used_gib=1, **extra):
+def fake_gpu(i, name="NVIDIA H100 80GB HBM3", total_gib=80, used_gib=1, gen=5, width=16, **extra):
     return dict(name=name, uuid=f"GPU-{i}{i}{i}{i}aaaa-0000-1111-2222-33334444555{i}", bus=f"00000000:{0x18 + i:02X}:00.0",
                 total=int(total_gib * GIB), used=int(used_gib * GIB), util=10 * i, temp=30 + i, power_mw=70_000 + 1000 * i,
-                cc=(9, 0), gen=5, width=16, **extra)
+                cc=(9, 0), gen=gen, width=width, **extra)
 
 
 @pytest.fixture

@@ -247,6 +247,23 @@ def test_projection_dry_run_writes_a_labelled_table_json_and_chart(dry_projectio
         assert (projection.FSDP_GATHER in r["collectives"]) == r["shard_weights"]
 
 
+def test_the_projection_takes_its_link_figures_from_the_package_table():
+    """One link table: the projection's datasheet figures are wanvideo/gpus/links.py's, its effective
+    ones those times its own PROJECTION_EFFICIENCY; --link still replaces or adds a figure by label."""
+    from wanvideo.gpus import links
+    projection = _projection_module()
+    assert set(projection.LINKS) == {"NVLink 4", "PCIe 5.0 x16", "PCIe 4.0 x16"}
+    datasheet = {"NVLink 4": links.nvlink_gb_per_s((9, 0)),
+                 "PCIe 5.0 x16": links.PCIE_LANE_GB_PER_S[5] * 16, "PCIe 4.0 x16": links.PCIE_LANE_GB_PER_S[4] * 16}
+    for name, figure in datasheet.items():
+        spec = projection.LINKS[name]
+        assert spec["datasheet_GBps"] == pytest.approx(figure, abs=0.05)
+        assert spec["effective_GBps"] == pytest.approx(figure * projection.PROJECTION_EFFICIENCY, abs=0.05)
+    overridden = projection.parse_links(["NVLink 4=380", "Mine=12.5"])
+    assert overridden["NVLink 4"]["effective_GBps"] == 380.0 and overridden["Mine"]["effective_GBps"] == 12.5
+    assert overridden["PCIe 4.0 x16"] == projection.LINKS["PCIe 4.0 x16"]
+
+
 def _closed_form_link_bytes(config, tokens, degrees, cfg, shard, element=4):
     """Bytes one rank moves per step, from the shapes alone (the math the projection must follow)."""
     import math
@@ -352,7 +369,7 @@ def _counting_rank(rank, world_size, port, out_folder):
     projection = _projection_module()
     from wanvideo.parallel.distributed.cfg_parallel import GuidedVelocityModel
     from wanvideo.parallel.distributed.sequence_parallel import apply_sequence_parallel
-    from wanvideo.parallel.distributed.sharding import _shard
+    from wanvideo.parallel.distributed.sharding import shard as shard_model
     from wanvideo.parallel.distributed.topology import ParallelDegrees, ParallelGroups
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -362,7 +379,7 @@ def _counting_rank(rank, world_size, port, out_folder):
         work = projection.Workload(config, (16, 3, 6, 8), 512, cfg, torch.device("cpu"), torch.float32)
         model = projection.build_blocks_model(config, config["num_layers"], work.device, work.dtype)
         if shard:
-            _shard(model, work.device, prefetch=True)
+            shard_model(model, work.device, prefetch=True)
         groups = ParallelGroups(ParallelDegrees(cfg_degree, ulysses, ring))
         apply_sequence_parallel(model, groups)
         x, t, positive, negative = projection._inputs(work)

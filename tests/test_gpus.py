@@ -116,6 +116,27 @@ def test_links_are_classified_with_an_estimated_bandwidth(fake_nvml):
     assert all(g["torch_peers"] is None for g in by_index.values())  # CUDA not initialised: torch not asked
 
 
+def test_an_idle_gpu_is_planned_at_its_maximum_pcie_link_not_its_current_one(monkeypatch):
+    """Idle GPUs drop their link to Gen1: a Gen4 x16 card read at its current link would be planned
+    at about 3 GB/s. The bandwidth uses the maximum (the lower of the GPU's and the slot's), the
+    status table shows both."""
+    nvml = FakeNVML([fake_gpu(0, gen=4, cur_gen=1, cur_width=16), fake_gpu(1, gen=4, cur_gen=1, cur_width=8),
+                     fake_gpu(2, gen=4, gpu_max_gen=5), fake_gpu(3, unsupported=("pcie_max",), cur_gen=3)],
+                    links={(0, 1): "p2p"})
+    monkeypatch.setattr(discovery, "_torch_identities", lambda: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    by_index = {g["index"]: g for g in gpus.get_gpu_info(nvml)}
+    assert (by_index[0]["pcie_generation"], by_index[0]["pcie_width"]) == (4, 16)
+    assert (by_index[0]["pcie_current_generation"], by_index[0]["pcie_current_width"]) == (1, 16)
+    assert by_index[0]["links"][0] == dict(to=1, kind="pcie_p2p", gb_per_s=25.2)   # Gen4 x16, not Gen1's 3.2
+    assert by_index[2]["pcie_generation"] == 4    # a Gen5 GPU in a Gen4 slot: the slot's
+    assert (by_index[3]["pcie_generation"], by_index[3]["pcie_width"]) == (3, 16)  # no maximum: the current link
+    table = gpus.format_gpu_status(list(by_index.values())).splitlines()
+    assert "Gen4 x16 (now Gen1 x16)" in table[1] and "Gen4 x16 (now Gen1 x8)" in table[2]
+    assert "(now" not in table[4]
+
+
 def test_torch_peer_access_is_asked_once_cuda_is_initialised(fake_nvml, monkeypatch):
     """torch's answer wins over NVML's: 0 -> 2 has NVML P2P but torch says no (host memory then);
     1 -> 2 has none in NVML but torch says yes."""
@@ -188,6 +209,48 @@ def test_mixed_gpus_are_probed_once_and_the_figures_cached(tmp_path):
     speed.clear_speed_cache()                 # a new process: the file answers
     assert speed.relative_speeds(mixed, probe=probe, cache_path=str(cache))[0] == {0: 1.0, 1: 0.5}
     assert len(calls) == 2
+    speed.clear_speed_cache()
+
+
+def test_only_finite_positive_speeds_are_kept_from_the_cache_and_the_probe(tmp_path, caplog):
+    """A cache holding 0.0 (or a negative, NaN, inf, a string) gave ZeroDivisionError or nonsense:
+    such figures are dropped and the GPU probed again; a probe answering one of them leaves the
+    speeds unmeasured."""
+    from wanvideo.gpus import speed
+    speed.clear_speed_cache()
+    cache = tmp_path / "gpu_speed.json"
+    cache.write_text('{"GPU-a": 0.0, "GPU-b": -3, "GPU-c": NaN, "GPU-d": Infinity, "GPU-e": "fast", "GPU-f": 50}')
+    assert speed._read_cache(str(cache)) == {"GPU-f": 50.0}
+    calls = []
+    probe = lambda index: calls.append(index) or 100.0
+    mixed = [dict(index=0, name="RTX 4090", uuid="GPU-a"), dict(index=1, name="RTX 3090", uuid="GPU-f")]
+    assert speed.relative_speeds(mixed, probe=probe, cache_path=str(cache)) == ({0: 1.0, 1: 0.5}, "measured")
+    assert calls == [0] and json.loads(cache.read_text())["GPU-a"] == 100.0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        speed.clear_speed_cache()
+        with caplog.at_level("WARNING", logger="wanvideo.gpus.speed"):
+            assert speed.relative_speeds(mixed, probe=lambda index: bad, cache_path="") == (
+                {0: 1.0, 1: 1.0}, "not measured")
+        assert "Could not time GPU 0" in caplog.text
+    speed.clear_speed_cache()
+
+
+def test_only_gpus_of_this_machine_are_probed_and_the_cache_released(monkeypatch):
+    """The default probe times cuda:N of this machine: only for inventory GPUs whose UUID is a local
+    GPU's (at that GPU's local index), never for an inventory of another machine; afterwards the
+    probe's cached blocks are handed back (torch.cuda.empty_cache)."""
+    from wanvideo.gpus import speed
+    speed.clear_speed_cache()
+    timed, emptied = [], []
+    monkeypatch.setattr(speed, "probe_tflops", lambda index: timed.append(index) or {3: 200.0, 5: 100.0}[index])
+    monkeypatch.setattr(speed, "local_gpu_indices", lambda: {"GPU-a": 3, "GPU-b": 5})
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    remote = [dict(index=0, name="RTX 4090", uuid="GPU-x"), dict(index=1, name="RTX 3090", uuid="GPU-y")]
+    assert speed.relative_speeds(remote, cache_path="") == ({0: 1.0, 1: 1.0}, "not measured")
+    assert timed == [] and emptied == []
+    local = [dict(index=0, name="RTX 4090", uuid="GPU-a"), dict(index=1, name="RTX 3090", uuid="GPU-b")]
+    assert speed.relative_speeds(local, cache_path="") == ({0: 1.0, 1: 0.5}, "measured")
+    assert timed == [3, 5] and emptied == [True]
     speed.clear_speed_cache()
 
 
@@ -375,8 +438,8 @@ def test_monitor_rejects_a_bad_interval():
 def test_the_gpus_package_imports_only_devices_and_libraries():
     """The GPU floor sits below the pipeline and the strategies: any other wanvideo import (or a
     top-level module of the pack) would be an import reaching up."""
-    allowed_libraries = {"contextlib", "functools", "json", "logging", "os", "re", "statistics", "sys", "threading",
-                         "time",
+    allowed_libraries = {"contextlib", "functools", "json", "logging", "math", "os", "re", "statistics", "sys",
+                         "threading", "time",
                          "dataclasses", "typing", "torch", "pynvml", "matplotlib"}
     for path in pathlib.Path(gpus.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

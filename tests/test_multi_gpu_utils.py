@@ -167,6 +167,82 @@ def test_validate_checks_a_model_or_a_pair_on_the_given_gpus(wan22, fake_nvml, c
     assert not ok and "does not fit: GPU 0" in message and "fp8" in message
 
 
+def test_a_pair_plan_that_says_it_fits_passes_validation(tmp_path):
+    """pair_placement compares both experts, the activations and the runtime reserve with the
+    planner's usable memory (not raw free memory), so the pair's 'distributed' plan never overfills a
+    GPU that validate_model_setup then refuses: on two 0.7 GiB GPUs the tiny pair fits raw free
+    memory but not with the 1 GiB runtime reserve."""
+    from wanvideo.tiny import make_tiny_expert_pair
+    pair = make_tiny_expert_pair(tmp_path)
+    high, low = str(pair["high_noise"][0]), str(pair["low_noise"][0])
+    workload = dict(width=64, height=64, num_frames=5)
+    small = mgu.get_optimal_gpu_config(high, gpus=inventory(0.7, 0.7, total_gib=0.7), low_noise_model=low,
+                                       **workload)
+    assert small["parallelism_type"] == "expert_parallel" and "do not fit GPU 0" in small["reason"]
+    for size in (0.7, 1.1, 1.2, 1.5, 2, 4):
+        gpus = inventory(size, size, total_gib=size)
+        config = mgu.get_optimal_gpu_config(high, gpus=gpus, low_noise_model=low, **workload)
+        ok, message = mgu.validate_model_setup("0,1", high, low_noise_model=low, gpus=gpus, **workload)
+        if config["parallelism_type"] == "distributed":
+            assert ok, (size, message)
+    assert config["parallelism_type"] == "distributed"   # 4 GiB cards hold both tiny experts
+
+
+@pytest.mark.parametrize("asked,fragment", [(dict(block_swap=True), "block swap"),
+                                            (dict(torch_compile=True), "torch.compile"),
+                                            (dict(no_nccl=True), "no NCCL")])
+def test_auto_for_a_pair_needs_worker_processes_for_distributed(wan22, monkeypatch, asked, fragment):
+    """Both experts fit two 80 GB GPUs, but with block swap, torch.compile or no NCCL (Windows) the
+    distributed loader refuses: auto places the pair expert_parallel, in the planner (plan_pair)
+    and in the loader (experts._plan_pair), by the one rule (experts.pair_placement)."""
+    import torch.distributed
+    from wanvideo import inspect_checkpoint
+    from wanvideo.engine.block_swap import BlockSwapSettings
+    from wanvideo.parallel import experts
+    from wanvideo.pipeline import LoadSettings
+    high, low = wan22["wan2.2_t2v_high_noise_14B_bf16"], wan22["wan2.2_t2v_low_noise_14B_bf16"]
+    assert mgu.get_optimal_gpu_config(high, gpus=inventory(80, 80, total_gib=80),
+                                      low_noise_model=low)["parallelism_type"] == "distributed"
+    devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    monkeypatch.setattr(experts, "free_bytes", lambda device: 79 * 2**30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (79 * 2**30, 80 * 2**30))
+    info = inspect_checkpoint(high)
+    assert experts._plan_pair(devices, info, LoadSettings(), {})[0] == "distributed"
+    if asked.pop("no_nccl", False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    config = mgu.get_optimal_gpu_config(high, gpus=inventory(80, 80, total_gib=80), low_noise_model=low, **asked)
+    assert config["parallelism_type"] == "expert_parallel" and fragment in config["reason"]
+    settings = LoadSettings(block_swap=BlockSwapSettings(blocks_to_swap=10) if asked.get("block_swap") else None,
+                            compile_args={} if asked.get("torch_compile") else None)
+    placement, why = experts._plan_pair(devices, info, settings, {})
+    assert placement == "expert_parallel" and fragment in why
+
+
+def test_sizes_follow_the_checkpoints_vae(wan22, tiny_checkpoints, fake_nvml, monkeypatch, capsys):
+    """The TI2V-5B's Wan 2.2 VAE needs multiples of 32: 1280x720 is refused for it in one line
+    (naming the value), accepted for a Wan 2.1 model; the help says so."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    five_b = wan22["wan2.2_ti2v_5B_fp16"]
+    for command in (["recommend", five_b], ["validate", "0", "--model", five_b]):
+        code, out, err = run_cli([*command, "--width", "1280", "--height", "720"], capsys)
+        assert_one_line_error(code, err, "height=720", "multiple of 32")
+    assert mgu.main(["recommend", str(tiny_checkpoints["t2v"][0]), "--width", "1280", "--height", "720"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        mgu.main(["recommend", "--help"])
+    assert "of 32 for the Wan 2.2 TI2V-5B" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("argv", [["--width", "1280"], ["--frames", "33"], ["--precision", "fp16"], ["--no-cfg"],
+                                  ["--quantization", "fp8_e4m3fn", "--batch-size", "2"]])
+def test_validate_refuses_workload_options_without_a_model(argv, fake_nvml, capsys):
+    """They size the model's plan; without --model they were silently ignored."""
+    code, out, err = run_cli(["validate", "0,1", *argv], capsys)
+    assert_one_line_error(code, err, argv[0], "need", "--model")
+    assert out == ""
+
+
 # --- errors: one line on stderr, exit status 2 (issue 14, item 11) -------------------------------
 
 def run_cli(argv, capsys):

@@ -304,7 +304,7 @@ def linked(gpus, kind, generation=4):
 def test_pcie_without_peer_access_prefers_cfg_parallel_over_ulysses(real_size):
     """Issue 13 item 3: 14B, 832x480, 33 frames with CFG on 4 GPUs. Over NVLink, CFG groups x Ulysses 2
     on all 4 (about 0.64 s per step by the estimate); over PCIe Gen4 through host memory the all-to-alls
-    (5.4 GiB per GPU and step at about 13 GB/s) eat the gain, so the branches go side by side on 2 GPUs."""
+    (5.8 GB per GPU and step at about 13 GB/s) eat the gain, so the branches go side by side on 2 GPUs."""
     workload = dict(num_frames=33)
     nvlink = plan_parallelism(real_size["14B"], linked(inventory(*[80] * 4), "nvlink"), **workload)
     assert nvlink["parallelism_type"] == "distributed" and len(nvlink["gpu_ids"]) == 4
@@ -318,12 +318,15 @@ def test_pcie_without_peer_access_prefers_cfg_parallel_over_ulysses(real_size):
 
 def test_two_pcie_host_cards_with_cfg_run_the_branches_side_by_side(real_size):
     """Two cards without peer access, cfg > 1: each branch on its own card (CFG parallel in one
-    process), not Ulysses x 2, and the reason names the link it weighed."""
+    process). The workers would run 2 GPUs with CFG as cfg 2 x ulysses 1 too (serving's layout), so
+    no sequence-parallel layout of 2 GPUs is weighed (Ulysses x 2 with both branches is not what
+    they run); without CFG the tokens are split and the reason names the link it weighed."""
     config = plan_parallelism(real_size["1.3B"], linked(inventory(24, 24), "host"))
     assert config["parallelism_type"] == "data_parallel" and config["gpu_ids"] == [0, 1]
     assert config["ulysses_degree"] == 1 and "CFG parallel" in config["reason"]
-    assert "Sequence parallelism on 2 GPUs was not chosen" in config["reason"]
-    assert "PCIe Gen4 x16 without peer access" in config["reason"]
+    assert "Sequence parallelism" not in config["reason"]
+    no_cfg = plan_parallelism(real_size["1.3B"], linked(inventory(24, 24), "host"), cfg=False)
+    assert "PCIe Gen4 x16 without peer access" in no_cfg["reason"]
 
 
 def test_wide_sequence_parallelism_still_wins_where_compute_dominates(real_size):
@@ -332,7 +335,7 @@ def test_wide_sequence_parallelism_still_wins_where_compute_dominates(real_size)
     reason states the link and the exchange."""
     config = plan_parallelism(real_size["14B"], linked(inventory(*[80] * 8), "host"))
     assert config["parallelism_type"] == "distributed" and len(config["gpu_ids"]) == 8
-    assert "GiB of exchange per GPU over PCIe Gen4 x16 without peer access" in config["reason"]
+    assert "GB of exchange per GPU over PCIe Gen4 x16 without peer access" in config["reason"]
     assert "Link assumed: PCIe Gen4 x16 without peer access" in config["reason"]
 
 
@@ -385,14 +388,113 @@ def test_a_slow_gpu_that_would_hold_the_others_back_is_left_out(real_size):
 
 
 def test_speeds_are_measured_only_for_unlike_gpus(real_size, monkeypatch):
-    """The planner asks wanvideo.gpus.speed, which probes only an inventory mixing GPU models."""
-    from wanvideo.parallel import plan as plan_module
-    asked = []
-    monkeypatch.setattr(plan_module, "relative_speeds",
-                        lambda gpus: asked.append(gpus) or ({0: 1.0, 1: 0.5}, "measured"))
-    config = plan_parallelism(real_size["14B"], inventory(24, 24), num_frames=17, cfg=False, shard_weights="off")
-    assert asked and config["blocks_per_gpu"] == [27, 13]
-    assert "measured with a bf16 matmul probe" in config["reason"]
+    """The planner asks wanvideo.gpus.speed (the real function): GPUs of one model are not timed;
+    two models are, each GPU once, and the blocks follow the measured speeds."""
+    from wanvideo.gpus import speed
+    timed = []
+    monkeypatch.setattr(speed, "local_gpu_indices", lambda: {"GPU-a": 0, "GPU-b": 1})
+    monkeypatch.setattr(speed, "probe_tflops", lambda index: timed.append(index) or {0: 400.0, 1: 200.0}[index])
+    workload = dict(num_frames=17, cfg=False, shard_weights="off")
+
+    def gpus(*names):
+        return [dict(g, name=name, uuid=uuid) for g, name, uuid in zip(inventory(24, 24), names, ("GPU-a", "GPU-b"))]
+    same = plan_parallelism(real_size["14B"], gpus("RTX 4090", "RTX 4090"), **workload)
+    assert timed == [] and same["blocks_per_gpu"] == [20, 20]
+    mixed = plan_parallelism(real_size["14B"], gpus("RTX 4090", "RTX 3090"), **workload)
+    assert sorted(timed) == [0, 1] and mixed["blocks_per_gpu"] == [27, 13]
+    assert "measured with a bf16 matmul probe" in mixed["reason"]
+
+
+def test_the_speed_probe_runs_before_the_free_memory_is_read(real_size, monkeypatch, tmp_path):
+    """get_optimal_gpu_config (and validate_model_setup) reading the inventory itself: unlike GPUs are
+    timed first (the probe leaves a CUDA context and, until emptied, cached blocks), then the free
+    memory is read for the plan; the planner does not probe again."""
+    from wanvideo.gpus import discovery, speed
+    from wanvideo.parallel import auto
+    events = []
+    gpus = [dict(g, name=name, uuid=uuid) for g, name, uuid in
+            zip(inventory(24, 24), ("RTX 4090", "RTX 3090"), ("GPU-a", "GPU-b"))]
+    monkeypatch.setattr(discovery, "get_gpu_info", lambda: events.append("read") or [dict(g) for g in gpus])
+    monkeypatch.setattr(speed, "local_gpu_indices", lambda: {"GPU-a": 0, "GPU-b": 1})
+    monkeypatch.setattr(speed, "probe_tflops", lambda index: events.append("probe") or 400.0 / (index + 1))
+    config = auto.get_optimal_gpu_config(real_size["14B"], num_frames=17, cfg=False, shard_weights="off")
+    assert events == ["read", "probe", "probe", "read"]
+    assert config["blocks_per_gpu"] == [27, 13]
+    speed.clear_speed_cache()   # a new process, a new cache file: timed again
+    monkeypatch.setenv("WANVIDEO_GPU_SPEED_CACHE", str(tmp_path / "again.json"))
+    events.clear()
+    # validate_model_setup reading the inventory itself: the chosen GPUs are timed, then read again
+    ok, message = auto.validate_model_setup("0,1", real_size["14B"], num_frames=17, cfg=False, shard_weights="off")
+    assert ok and events == ["read", "read", "probe", "probe", "read"], message
+
+
+def test_a_sharded_step_gathers_the_weights_for_each_forward(real_size):
+    """With CFG on and one CFG group (cfg_degree 1) each GPU runs cond, then uncond: FSDP gathers the
+    weights for each, twice a step; with two CFG groups (or no CFG) once."""
+    from wanvideo.parallel.plan_cost import StepCosts
+    footprint = ModelFootprint(real_size["14B"])
+    gpus = linked(inventory(24, 24), "host")
+    gathered = footprint.weight_bytes * (2 - 1) / 2
+    with_cfg = StepCosts(footprint, plan.Workload(footprint, 832, 480, 17, True, 1), {0: 1.0, 1: 1.0})
+    one_group = with_cfg.sharded(gpus, 1, 2, 1)
+    assert one_group.traffic_bytes == pytest.approx(2 * gathered + with_cfg.sequence_exchange_bytes(1, 2, 1))
+    assert with_cfg.sharded(gpus, 2, 1, 1).traffic_bytes == pytest.approx(gathered)
+    without_cfg = StepCosts(footprint, plan.Workload(footprint, 832, 480, 17, False, 1), {0: 1.0, 1: 1.0})
+    assert without_cfg.sharded(gpus, 1, 2, 1).traffic_bytes == pytest.approx(
+        gathered + without_cfg.sequence_exchange_bytes(1, 2, 1))
+
+
+def test_traffic_is_printed_in_gb_and_hops_as_a_total():
+    """The links are in GB/s, so traffic is printed in GB (10**9 bytes); activation hops are the total
+    over the stage boundaries, not per GPU."""
+    from wanvideo.gpus.links import Link
+    from wanvideo.parallel.plan_cost import Estimate
+    link = Link("pcie_p2p", 25.0, "PCIe Gen4 x16 with peer access")
+    hops = Estimate(1.0, 0.5, 0.5, 2.5e9, link, "activation hops", per_gpu=False)
+    assert "2.5 GB of activation hops in all over PCIe" in hops.text() and "per GPU" not in hops.text()
+    assert "2.5 GB of exchange per GPU over" in Estimate(1.0, 0.5, 0.5, 2.5e9, link).text()
+
+
+def test_block_distribution_is_estimated_as_the_loader_runs_it(real_size):
+    """pipeline_branches (the loader's, default on) reaches the estimate: 14B on four 16 GB cards with
+    peer access, 17 frames with CFG: pipelined, block distribution keeps every GPU busy and wins; with
+    the stages in turn the sharded distributed plan is faster."""
+    gpus = lambda: linked(inventory(16, 16, 16, 16), "p2p")
+    pipelined = plan_parallelism(real_size["14B"], gpus(), num_frames=17)
+    assert pipelined["parallelism_type"] == "block_distribution"
+    in_turn = plan_parallelism(real_size["14B"], gpus(), num_frames=17, pipeline_branches=False)
+    assert in_turn["parallelism_type"] == "distributed" and in_turn["shard_weights"] == "on"
+    blocks = plan_parallelism(real_size["14B"], gpus(), num_frames=17, pipeline_branches=False, shard_weights="off")
+    assert "With pipeline_branches off the GPUs take the whole batch in turn" in blocks["reason"]
+
+
+@pytest.mark.parametrize("cfg,batch_size", [(True, 1), (True, 3), (False, 1), (False, 2), (False, 3), (False, 4)])
+@pytest.mark.parametrize("world", [2, 4, 6, 8])
+def test_distributed_plans_use_the_layout_the_workers_choose(real_size, cfg, batch_size, world):
+    """The workers (serving.WorkerSession.layout) use CFG groups when cfg != 1 or the batch splits in
+    two (cfg_parallel.splits_in_two: 2n videos of one size); the plan's degrees must be theirs."""
+    from wanvideo.parallel.distributed.cfg_parallel import splits_in_two
+    from wanvideo.parallel.distributed.topology import choose_degrees
+    latents = [torch.zeros(16, 21, 60, 104)] * batch_size
+    for size, gib_each in (("1.3B", 80), ("14B", 16)):   # replicated, and sharded 14B on 16 GB cards
+        config = plan_parallelism(real_size[size], inventory(*[gib_each] * world), cfg=cfg, batch_size=batch_size)
+        if config["parallelism_type"] != "distributed":
+            continue
+        workers = choose_degrees(len(config["gpu_ids"]), real_size[size].config["num_heads"],
+                                 use_cfg=cfg or splits_in_two(latents))
+        assert (config["cfg_degree"], config["ulysses_degree"], config["ring_degree"]) == (
+            workers.cfg, workers.ulysses, workers.ring), (size, config["reason"])
+
+
+def test_the_refused_distributed_plan_is_named_as_it_was(real_size):
+    """block swap asked: the sharded plan the planner would have chosen is named as sharded, not as
+    sequence parallel."""
+    gpus = lambda: linked(inventory(24, 24), "nvlink")
+    assert plan_parallelism(real_size["14B"], gpus(), num_frames=17, cfg=False)["shard_weights"] == "on"
+    config = plan_parallelism(real_size["14B"], gpus(), num_frames=17, cfg=False, block_swap=True)
+    assert config["parallelism_type"] != "distributed"
+    assert "The distributed strategy, with the weights sharded over 2 GPUs, would be faster" in config["reason"]
+    assert "sequence parallel on" not in config["reason"]
 
 
 def test_no_nccl_keeps_auto_in_process_and_says_why(real_size, monkeypatch):

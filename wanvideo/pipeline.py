@@ -33,7 +33,7 @@ class LoadSettings:
     """How to load: precision, fp8, attention, where the weights rest, LoRAs, block swap, compile."""
     base_precision: str = "bf16"
     quantization: str = "disabled"
-    attention_mode: str = "sdpa"
+    attention_mode: str = "sdpa"        # modules.attention.BACKENDS; 'auto' times sdpa against sage_triton per shape
     load_device: str = "main_device"     # or 'offload_device': weights rest in RAM between runs
     loras: list = field(default_factory=list)   # [(path, strength), ...]
     block_swap: Optional[BlockSwapSettings] = None

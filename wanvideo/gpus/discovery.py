@@ -112,10 +112,24 @@ def _read_nvml(nvml):
             temperature=_optional(nvml.nvmlDeviceGetTemperature, handle, TEMPERATURE_GPU),
             power=None if power_mw is None else power_mw / 1000.0,
             compute_capability=None if capability is None else tuple(int(c) for c in capability),
-            pcie_generation=_optional(nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
-            pcie_width=_optional(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
-            _handle=handle))
+            **_pcie_link(nvml, handle), _handle=handle))
     return records
+
+
+def _pcie_link(nvml, handle):
+    """The PCIe link NVML reports: pcie_generation / pcie_width, its maximum (the lower of what the
+    GPU and the slot support: what it runs at under load, which the link estimates use), and
+    pcie_current_generation / pcie_current_width, what it runs at now (idle GPUs drop to Gen1 to
+    save power; shown in the status table only). Where NVML has no maximum, the current values."""
+    current_generation = _optional(nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle)
+    current_width = _optional(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle)
+    # nvmlDeviceGetMaxPcieLinkGeneration: the device with this system; ...GpuMax...: the GPU alone
+    maxima = [g for g in (_optional(getattr(nvml, "nvmlDeviceGetMaxPcieLinkGeneration", None), handle),
+                          _optional(getattr(nvml, "nvmlDeviceGetGpuMaxPcieLinkGeneration", None), handle)) if g]
+    max_width = _optional(getattr(nvml, "nvmlDeviceGetMaxPcieLinkWidth", None), handle)
+    return dict(pcie_generation=min(maxima) if maxima else current_generation,
+                pcie_width=max_width or current_width,
+                pcie_current_generation=current_generation, pcie_current_width=current_width)
 
 
 def _torch_identities():
@@ -226,7 +240,8 @@ def _torch_gpu_info():
                         if hasattr(props, "pci_bus_id") else None),
             total_memory=int(total), free_memory=int(free), used_memory=int(total - free), utilization=None,
             temperature=None, power=None, compute_capability=(props.major, props.minor), pcie_generation=None,
-            pcie_width=None, nvlink_peers=[], peers=peers, torch_peers=list(peers), source="torch"))
+            pcie_width=None, pcie_current_generation=None, pcie_current_width=None, nvlink_peers=[], peers=peers,
+            torch_peers=list(peers), source="torch"))
     return add_links(gpus)
 
 
@@ -235,13 +250,14 @@ def get_gpu_info(nvml=None, ask_torch_peers=None):
 
     index (torch), nvml_index, name, uuid, pci_bus_id, total_memory / free_memory / used_memory
     (bytes), utilization (%), temperature (C), power (W), compute_capability (major, minor),
-    pcie_generation, pcie_width, nvlink_peers and peers (torch indices reachable by NVLink, or by
-    NVLink or PCIe peer-to-peer, as NVML says), torch_peers (those torch.cuda.can_device_access_peer
-    reports; None when not asked: torch is asked only once CUDA is initialised in this process, or
-    with ask_torch_peers=True), links (per other GPU: {'to', 'kind': 'nvlink' | 'pcie_p2p' |
-    'pcie_host', 'gb_per_s'}: see links.py), source ('nvml' or 'torch'). Fields a GPU does not
-    report are None. No GPU, no driver: [] (logged), never an exception. `nvml`: a pynvml-like
-    object (for tests).
+    pcie_generation, pcie_width (the link's maximum, which the bandwidth estimates use),
+    pcie_current_generation, pcie_current_width (the link now: lower while the GPU idles),
+    nvlink_peers and peers (torch indices reachable by NVLink, or by NVLink or PCIe peer-to-peer, as
+    NVML says), torch_peers (those torch.cuda.can_device_access_peer reports; None when not asked:
+    torch is asked only once CUDA is initialised in this process, or with ask_torch_peers=True),
+    links (per other GPU: {'to', 'kind': 'nvlink' | 'pcie_p2p' | 'pcie_host', 'gb_per_s'}: see
+    links.py), source ('nvml' or 'torch'). Fields a GPU does not report are None. No GPU, no driver:
+    [] (logged), never an exception. `nvml`: a pynvml-like object (for tests).
     """
     nvml = _load_nvml(nvml)
     if nvml is not None:
@@ -286,6 +302,18 @@ def _links_text(gpu):
                      for (kind, rate), ids in groups.items()) or "-"
 
 
+def _pcie_text(gpu):
+    """'Gen4 x16' (the link's maximum), with '(now Gen1 x16)' when it runs slower at the moment; '-'."""
+    generation, width = gpu.get("pcie_generation"), gpu.get("pcie_width")
+    if generation is None:
+        return "-"
+    text = f"Gen{generation} x{'-' if width is None else width}"
+    now = (gpu.get("pcie_current_generation"), gpu.get("pcie_current_width"))
+    if now[0] is not None and now != (generation, width):
+        text += f" (now Gen{now[0]} x{'-' if now[1] is None else now[1]})"
+    return text
+
+
 def format_gpu_status(gpus=None):
     """The GPU table as text (gpus: an inventory as from get_gpu_info(); None: read it now)."""
     gpus = get_gpu_info() if gpus is None else gpus
@@ -295,8 +323,7 @@ def format_gpu_status(gpus=None):
     unknown = lambda value, fmt: "-" if value is None else fmt.format(value)
     rows = [("GPU", "Name", "Memory used / total", "Util", "Temp", "Power", "PCIe", "Links")]
     for g in gpus:
-        pcie = ("-" if g.get("pcie_generation") is None else
-                f"Gen{g['pcie_generation']} x{unknown(g.get('pcie_width'), '{}')}")
+        pcie = _pcie_text(g)
         used = g["used_memory"] if g.get("used_memory") is not None else g["total_memory"] - g["free_memory"]
         rows.append((str(g["index"]), g.get("name", "?"), f"{used / GIB:.1f} / {g['total_memory'] / GIB:.1f} GiB",
                      unknown(g.get("utilization"), "{}%"), unknown(g.get("temperature"), "{}C"),

@@ -51,12 +51,12 @@ class Link:
         return self.gb_per_s * 1e9
 
 
-def pcie_gb_per_s(generation, width):
+def pcie_gb_per_s(generation, width, efficiency=PCIE_EFFICIENCY):
     """Effective GB/s per direction of a PCIe link; (rate, assumed) where assumed means the GPU did not
-    report its link and PCIe 4.0 x16 is taken."""
+    report its link and PCIe 4.0 x16 is taken. efficiency=1.0: the raw (datasheet) figure."""
     assumed = generation not in PCIE_LANE_GB_PER_S or not width
     generation, width = ASSUMED_PCIE if assumed else (generation, width)
-    return PCIE_LANE_GB_PER_S[generation] * width * PCIE_EFFICIENCY, assumed
+    return PCIE_LANE_GB_PER_S[generation] * width * efficiency, assumed
 
 
 def _pcie_text(gpu):
@@ -67,6 +67,10 @@ def _pcie_text(gpu):
 
 
 def nvlink_gb_per_s(compute_capability):
+    """GB/s per direction of a GPU's NVLink, keyed by its compute capability (NVLINK_GB_PER_S): the
+    SXM datasheet figure of that generation; ASSUMED_NVLINK_GB_PER_S for one not in the table. Parts
+    of one compute capability with other NVLink (H800: 400 GB/s total; H100 NVL bridges: 600 GB/s
+    total) get the table's figure all the same."""
     return NVLINK_GB_PER_S.get(tuple(compute_capability or ()), ASSUMED_NVLINK_GB_PER_S)
 
 

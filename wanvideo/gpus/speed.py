@@ -8,22 +8,31 @@ answers {torch index: speed}, the fastest GPU 1.0:
   - otherwise each GPU is timed once (probe_tflops: PROBE_REPEATS bf16 matmuls of PROBE_SIZE square,
     about 0.1 s on a current GPU) and the figure cached by GPU UUID (or name) in memory and in a
     small JSON file (default_cache_path(): $WANVIDEO_GPU_SPEED_CACHE, else
-    $XDG_CACHE_HOME/wanvideo-multigpu/gpu_speed.json, else ~/.cache/...); a later run reads it;
-  - on a machine without CUDA (an injected inventory planned on a CPU) nothing is probed: equal.
+    $XDG_CACHE_HOME/wanvideo-multigpu/gpu_speed.json, else ~/.cache/...); a later run reads it.
+    Only figures that are finite and above 0 are kept, from the file as from the probe;
+  - only GPUs of this machine are timed: a GPU of the inventory whose UUID is not that of a local
+    GPU (get_gpu_info) is not probed, so an inventory of another machine, or a machine without
+    CUDA, is planned with equal speeds ('not measured') unless the cache knows its GPUs.
 
-Probing initialises CUDA in this process (the distributed workers are spawned, not forked, so
-they do not mind); it runs only for an inventory that mixes GPU models.
+Probing initialises CUDA in this process and leaves a CUDA context on each GPU it times; the
+cached blocks of its matmuls are handed back (torch.cuda.empty_cache) before the planner reads
+the GPUs' free memory again. It runs only for an inventory that mixes GPU models. The distributed
+workers do not mind an initialised parent: they fork from a forkserver started by exec (spawned
+where there is none, as on Windows), never from this process.
 """
 import json
 import logging
+import math
 import os
 import time
 
 import torch
 
+from .discovery import get_gpu_info
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["relative_speeds", "probe_tflops", "default_cache_path", "clear_speed_cache"]
+__all__ = ["relative_speeds", "probe_tflops", "default_cache_path", "clear_speed_cache", "local_gpu_indices"]
 
 PROBE_SIZE = 4096
 PROBE_REPEATS = 8
@@ -64,15 +73,39 @@ def probe_tflops(index, size=PROBE_SIZE, repeats=PROBE_REPEATS):
     return 2 * size ** 3 * repeats / seconds / 1e12
 
 
+def _usable_figure(value):
+    """A TFLOPS figure as a float when it is a finite number above 0, else None (a cache file edited
+    by hand, a probe timed as zero seconds)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def _read_cache(path):
+    """{key: TFLOPS} from the cache file, keeping only finite figures above 0; {} when unreadable."""
     if not path:
         return {}
     try:
         with open(path) as file:
             data = json.load(file)
-        return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
     except (OSError, ValueError, TypeError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    figures = {str(k): _usable_figure(v) for k, v in data.items()}
+    return {k: v for k, v in figures.items() if v is not None}
+
+
+def local_gpu_indices():
+    """{uuid: torch index} of the GPUs of this machine (get_gpu_info, which does not initialise
+    CUDA); {} without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    return {g["uuid"]: g["index"] for g in get_gpu_info() if g.get("uuid")}
 
 
 def _write_cache(path, figures):
@@ -99,8 +132,9 @@ def _given(gpus):
 
 def relative_speeds(gpus, probe=None, cache_path=None):
     """{torch index: speed relative to the fastest (1.0)} and how it was found ('given', 'same model',
-    'measured', 'not measured') -> (speeds, source). probe: a function index -> TFLOPS (default
-    probe_tflops); cache_path: the JSON file (None: default_cache_path(); '' or False: memory only)."""
+    'measured', 'not measured') -> (speeds, source). probe: a function index -> TFLOPS for the GPUs
+    of `gpus` (default probe_tflops, on the local GPU with the same UUID: GPUs of another machine
+    are not probed); cache_path: the JSON file (None: default_cache_path(); '' or False: memory only)."""
     if not gpus:
         return {}, "no GPU"
     given = _given(gpus)
@@ -109,28 +143,43 @@ def relative_speeds(gpus, probe=None, cache_path=None):
         return {i: v / fastest for i, v in given.items()}, "given"
     if len({g.get("name") for g in gpus}) == 1:
         return {g["index"]: 1.0 for g in gpus}, "same model"
-    if probe is None:
-        if not torch.cuda.is_available():
-            return {g["index"]: 1.0 for g in gpus}, "not measured"
-        probe = probe_tflops
+    equal = {g["index"]: 1.0 for g in gpus}
+    if probe is None:  # this machine's GPUs only, by UUID: an inventory may describe another machine
+        local = local_gpu_indices()
+        targets = {g["index"]: local[g["uuid"]] for g in gpus if g.get("uuid") in local}
+        probe = lambda index: probe_tflops(targets[index])
+    else:
+        targets = {g["index"]: g["index"] for g in gpus}
     path = default_cache_path() if cache_path is None else cache_path
     stored = _read_cache(path)
-    figures, changed = {}, False
-    for gpu in gpus:
-        key = _key(gpu)
-        if key not in _measured:
-            if key in stored:
+    figures, changed, probed = {}, False, False
+    try:
+        for gpu in gpus:
+            key = _key(gpu)
+            if key not in _measured and key in stored:
                 _measured[key] = stored[key]
-            else:
+            if key not in _measured:
+                if gpu["index"] not in targets:
+                    logger.info("GPU %s (%s) is not a GPU of this machine, so its speed is not measured: the GPUs "
+                                "are taken as equally fast (give each a 'relative_speed' to say otherwise).",
+                                gpu["index"], gpu.get("name"))
+                    return equal, "not measured"
                 try:
-                    _measured[key] = float(probe(gpu["index"]))
+                    probed = True
+                    figure = _usable_figure(probe(gpu["index"]))
+                    if figure is None:
+                        raise ValueError("the probe gave no positive, finite TFLOPS figure")
                 except Exception as error:  # a busy or broken GPU: plan without its speed
                     logger.warning("Could not time GPU %s (%s): its speed is taken as equal to the others'.",
                                    gpu["index"], error)
-                    return {g["index"]: 1.0 for g in gpus}, "not measured"
-                stored[key], changed = _measured[key], True
-                logger.info("GPU %s (%s): %.0f bf16 TFLOPS measured.", gpu["index"], gpu.get("name"), _measured[key])
-        figures[gpu["index"]] = _measured[key]
+                    return equal, "not measured"
+                _measured[key] = stored[key] = figure
+                changed = True
+                logger.info("GPU %s (%s): %.0f bf16 TFLOPS measured.", gpu["index"], gpu.get("name"), figure)
+            figures[gpu["index"]] = _measured[key]
+    finally:
+        if probed:  # hand the probe's cached blocks back before anyone reads the free memory again
+            torch.cuda.empty_cache()
     if changed:
         _write_cache(path, stored)
     fastest = max(figures.values())

@@ -9,12 +9,12 @@ import os
 
 from ..checkpoint import CheckpointInfo, inspect_checkpoint
 from ..devices import parse_gpu_ids
-from ..gpus import GIB, get_gpu_info, validate_gpu_setup
+from ..gpus import GIB, discovery, relative_speeds, validate_gpu_setup
 from .plan import plan_parallelism, usable_memory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["get_optimal_gpu_config", "setup_optimal_parallelism", "validate_model_setup"]
+__all__ = ["get_optimal_gpu_config", "setup_optimal_parallelism", "validate_model_setup", "read_inventory"]
 
 
 def _checkpoint_info(checkpoint_info_or_path):
@@ -25,7 +25,7 @@ def _checkpoint_info(checkpoint_info_or_path):
 
 def get_optimal_gpu_config(checkpoint_info_or_path, gpus=None, width=832, height=480, num_frames=81,
                            base_precision="bf16", quantization="disabled", cfg=True, batch_size=1, block_swap=False,
-                           torch_compile=False, shard_weights="auto", low_noise_model=None):
+                           torch_compile=False, shard_weights="auto", low_noise_model=None, pipeline_branches=True):
     """The parallelism plan for this checkpoint on these GPUs -> dict for the loader.
 
     Reads only the checkpoint header. Keys: parallelism_type ('none', 'data_parallel',
@@ -33,22 +33,39 @@ def get_optimal_gpu_config(checkpoint_info_or_path, gpus=None, width=832, height
     blocks_to_swap_per_gpu, blocks_per_gpu, ulysses_degree, ring_degree, cfg_degree,
     estimated_memory_per_gpu (bytes, in gpu_ids order), shard_weights ('on': distributed with each
     GPU holding 1/N of the weights; 'off' otherwise) and reason. gpus: an inventory as from
-    wanvideo.gpus.get_gpu_info() (None: read it now). block_swap, torch_compile: whether the loader
-    asks for them (they rule out the distributed strategy). shard_weights: 'off' keeps the planner
-    from sharding the weights ('auto', 'on': it may). See plan.py for the memory model.
+    wanvideo.gpus.get_gpu_info() (None: read it now, after timing unlike GPUs, so that the speed
+    probe's CUDA context and cache are not counted as free memory: see read_inventory).
+    block_swap, torch_compile: whether the loader asks for them (they rule out the distributed
+    strategy). shard_weights: 'off' keeps the planner from sharding the weights ('auto', 'on': it
+    may). pipeline_branches: the loader's (default on, as the node's): whether block distribution
+    pipelines the step's items through its GPUs, which its step-time estimate counts. See plan.py
+    for the memory model.
     low_noise_model: a Wan 2.2 A14B low-noise expert (path or CheckpointInfo); the checkpoint is then
     the high-noise one and the plan is the pair's (plan_pair.py: parallelism_type 'none',
     'expert_parallel' or 'distributed', with each expert's plan under 'experts').
     """
     info = _checkpoint_info(checkpoint_info_or_path)
-    gpus = get_gpu_info() if gpus is None else gpus
+    gpus = read_inventory() if gpus is None else gpus
     workload = dict(width=width, height=height, num_frames=num_frames, base_precision=base_precision,
                     quantization=quantization, cfg=cfg, batch_size=batch_size, block_swap=block_swap,
-                    torch_compile=torch_compile, shard_weights=shard_weights)
+                    torch_compile=torch_compile, shard_weights=shard_weights, pipeline_branches=pipeline_branches)
     if low_noise_model is not None:
         from .plan_pair import plan_expert_pair  # loads the expert machinery only for a pair
         return plan_expert_pair(info, _checkpoint_info(low_noise_model), gpus, **workload)
     return plan_parallelism(info, gpus, **workload)
+
+
+def read_inventory(keep=None):
+    """This machine's GPUs for a plan: those `keep(gpu)` accepts (None: all). The planner times
+    unlike GPUs (wanvideo.gpus.speed), which creates a CUDA context on each and leaves what the
+    probe's matmuls cached until emptied: so they are timed first (the figure stays cached in this
+    process, and the planner does not probe again) and the free memory is read afterwards. Callers
+    that pass an inventory of their own read its free memory before any probe: the probe then hands
+    PyTorch's cache back (torch.cuda.empty_cache), and its CUDA contexts are what the planner's
+    RUNTIME_RESERVE_BYTES keeps room for."""
+    select = (lambda gpus: [g for g in gpus if keep(g)]) if keep is not None else list
+    relative_speeds(select(discovery.get_gpu_info()))
+    return select(discovery.get_gpu_info())
 
 
 def _over_budget(plan, by_index):
@@ -68,12 +85,14 @@ def validate_model_setup(gpu_ids, model, low_noise_model=None, gpus=None, **work
     validate_gpu_setup does; then the model is planned on just those GPUs (get_optimal_gpu_config's
     workload arguments) and refused when even that plan overfills a GPU. The message names the model
     and the plan."""
-    gpus = get_gpu_info() if gpus is None else gpus
+    read_here = gpus is None
+    gpus = discovery.get_gpu_info() if read_here else gpus
     ok, message = validate_gpu_setup(gpu_ids, gpus=gpus)
     if not ok:
         return ok, message
     ids = set(parse_gpu_ids(gpu_ids))
-    chosen = [g for g in gpus if g["index"] in ids]
+    chosen = (read_inventory(lambda g: g["index"] in ids) if read_here  # free memory read after the speed probe
+              else [g for g in gpus if g["index"] in ids])
     plan = get_optimal_gpu_config(model, gpus=chosen, low_noise_model=low_noise_model, **workload)
     by_index = {g["index"]: g for g in chosen}
     over = _over_budget(plan, by_index)

@@ -19,8 +19,10 @@ Placements (parallelism_type):
   distributed      two worker groups on the same GPUs, one per expert, driven step by step from this
                    process's loop (each step one 'forward' request of guided-free velocities), so every
                    rank switches at the same step.
-  auto             one device: 'none'; several GPUs: 'distributed' when both experts fit every GPU,
-                   else 'expert_parallel'.
+  auto             one device: 'none'; several GPUs: 'distributed' when both experts fit every GPU
+                   (pair_placement: with the activations and the runtime reserve, in the planner's
+                   usable memory) and worker processes can run (no block swap, no torch.compile,
+                   NCCL there), else 'expert_parallel'.
 Every sub-pipeline is loaded through the one entry point, load_parallel_pipeline.
 """
 import logging
@@ -38,7 +40,7 @@ from ..sampling.experts import EXPERTS, HIGH_NOISE, LOW_NOISE, ExpertPair, check
 from .devices import resolve_devices
 from .expert_residency import residency_for, timed_switch
 from .load import load_parallel_pipeline
-from .plan import activation_reserve_bytes
+from .plan import RUNTIME_RESERVE_BYTES, activation_reserve_bytes, gib, usable_memory, workers_refused
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +227,7 @@ class ExpertPairPipeline:
 
 # --- loading ------------------------------------------------------------------------------------
 
-def _check_pair(high_info, low_info):
+def check_pair(high_info, low_info):
     """The two files must be one model's two experts: same architecture, in the right order."""
     differences = [f"{k} {high_info.config.get(k)} vs {low_info.config.get(k)}" for k in _SAME_ARCHITECTURE
                    if tuple(_listify(high_info.config.get(k))) != tuple(_listify(low_info.config.get(k)))]
@@ -244,12 +246,15 @@ def _listify(value):
     return value if isinstance(value, (list, tuple)) else [value]
 
 
-def _expert_bytes(info, settings):
+def expert_bytes(info, settings):
+    """Bytes of one expert's weights at these settings (precision, quantization)."""
     block_bytes, other_bytes = info.bytes_at(resolve_dtype(settings.base_precision), settings.quantization)
     return block_bytes * info.num_layers + other_bytes
 
 
-def _reserve(info, settings, plan_inputs):
+def reserve(info, settings, plan_inputs):
+    """Bytes of activations to keep free beside the experts (the planner's estimate for a CFG step of
+    plan_inputs' width, height and num_frames; 0 when it cannot be made)."""
     try:
         return activation_reserve_bytes(info, settings.base_precision, settings.quantization,
                                         plan_inputs.get("width", 832), plan_inputs.get("height", 480),
@@ -260,24 +265,39 @@ def _reserve(info, settings, plan_inputs):
 
 
 def _plan_pair(devices, info, settings, plan_inputs):
-    """'auto' for a pair -> (parallelism_type, reason)."""
+    """'auto' for a pair -> (parallelism_type, reason): pair_placement, as the planner's plan_pair."""
     gpus = [d for d in devices if d.type == "cuda"]
     if len(gpus) < 2:
         return "none", f"one device ({devices[0]}): both experts there, or the idle one in host memory"
-    return pair_placement([free_bytes(d) for d in gpus], _expert_bytes(info, settings),
-                          _reserve(info, settings, plan_inputs))
+    inventory = [dict(index=d.index, free_memory=free_bytes(d), total_memory=torch.cuda.mem_get_info(d)[1])
+                 for d in gpus]
+    return pair_placement(inventory, expert_bytes(info, settings), reserve(info, settings, plan_inputs),
+                          workers_refused(settings.swaps_blocks, settings.compile_args is not None))
 
 
-def pair_placement(free_by_gpu, need, reserve):
-    """'auto' for a pair on two or more GPUs with these free bytes, each expert `need` bytes and
-    `reserve` bytes of activations -> (parallelism_type, reason). (multi_gpu_utils' recommend plans
-    with it too.)"""
-    smallest = min(free_by_gpu)
-    if 2 * need + reserve <= smallest:
-        return "distributed", (f"both experts ({2 * need / 2**30:.1f} GiB) fit every GPU: two worker groups share "
-                               f"the {len(free_by_gpu)} GPUs, each step split over all of them")
-    return "expert_parallel", (f"both experts ({2 * need / 2**30:.1f} GiB) do not fit one GPU "
-                               f"({smallest / 2**30:.1f} GiB free): each expert on its half of the GPUs")
+def pair_placement(gpus, need, reserve_bytes, refused=""):
+    """'auto' for a pair on two or more GPUs -> (parallelism_type, reason); the loader's and the
+    planner's (plan_pair.py) one rule.
+
+    gpus: inventory dicts (index, free_memory, total_memory); need: one expert's bytes;
+    reserve_bytes: the activations to keep free; refused: why the distributed strategy's worker
+    processes cannot run here ('' when they can: plan.workers_refused). 'distributed' (two worker
+    groups, both experts on every GPU) when 2 x need + reserve_bytes + RUNTIME_RESERVE_BYTES fits
+    every GPU's usable_memory (the planner's test, so a plan saying so passes validate_model_setup)
+    and worker processes can run; else 'expert_parallel' (each expert on its half of the GPUs)."""
+    per_gpu = 2 * need + reserve_bytes + RUNTIME_RESERVE_BYTES
+    tightest = min(gpus, key=usable_memory)
+    room = usable_memory(tightest)
+    if per_gpu > room:
+        return "expert_parallel", (f"both experts ({gib(2 * need)}) with the activations and the runtime reserve "
+                                   f"({gib(per_gpu)} in all) do not fit GPU {tightest['index']} ({gib(room)} "
+                                   "usable): each expert on its half of the GPUs")
+    if refused:
+        return "expert_parallel", (f"both experts ({gib(2 * need)}) fit every GPU, but the two worker groups of "
+                                   f"'distributed' cannot run: {refused}; so each expert on its half of the GPUs")
+    return "distributed", (f"both experts ({gib(2 * need)}) with the activations and the runtime reserve "
+                           f"({gib(per_gpu)} in all) fit every GPU: two worker groups share the {len(gpus)} GPUs, "
+                           "each step split over all of them")
 
 
 def _load(path, parallelism_type, devices, settings, plan_inputs):
@@ -308,7 +328,7 @@ def load_expert_pair(high_path, low_path, parallelism_type="none", gpu_ids=None,
     if idle_expert not in IDLE_EXPERT_CHOICES:
         raise ValueError(f"idle_expert {idle_expert!r} is not one of {', '.join(map(repr, IDLE_EXPERT_CHOICES))}.")
     high_info, low_info = inspect_checkpoint(high_path), inspect_checkpoint(low_path)
-    _check_pair(high_info, low_info)
+    check_pair(high_info, low_info)
     boundary = official_boundary(high_info.config["in_dim"], high_info.config["out_dim"]) if boundary is None \
         else check_boundary(boundary)
     if devices is None and not discovery.get_available_gpus():
@@ -341,12 +361,12 @@ def load_expert_pair(high_path, low_path, parallelism_type="none", gpu_ids=None,
         inner = {name: parallelism_type for name in EXPERTS}
         idle_in_host = idle_expert == "cpu" or rest_between_runs
         if idle_expert == "auto" and parallelism_type == "none" and not rest_between_runs:
-            free, reserve = free_bytes(devices[0]), _reserve(high_info, settings, plan_inputs)
-            need = _expert_bytes(high_info, settings) + _expert_bytes(low_info, settings)
-            idle_in_host = free is not None and need + reserve > free
+            free, activations = free_bytes(devices[0]), reserve(high_info, settings, plan_inputs)
+            need = expert_bytes(high_info, settings) + expert_bytes(low_info, settings)
+            idle_in_host = free is not None and need + activations > free
             if idle_in_host:
                 logger.info("Both experts (%.1f GiB) and the activations (%.1f GiB) do not fit %s (%.1f GiB free): "
-                            "the idle expert rests in host memory.", need / 2**30, reserve / 2**30, devices[0],
+                            "the idle expert rests in host memory.", need / 2**30, activations / 2**30, devices[0],
                             free / 2**30)
         if idle_in_host and parallelism_type == "distributed":
             raise NotImplementedError("The distributed pair keeps both experts in its worker groups; with too "

@@ -14,7 +14,7 @@ from ..devices import DeviceOutOfMemoryError, free_bytes, release_memory
 from ..engine import BlockSwapSettings
 from ..gpus import discovery
 from ..pipeline import LoadSettings, WanPipeline, apply_engine, load_model, load_pipeline, load_prepared_model
-from .auto import setup_optimal_parallelism
+from .auto import read_inventory, setup_optimal_parallelism
 from .block_distribution import blocks_per_device_by_memory, distribute_model_blocks
 from .devices import resolve_devices
 from .multi_gpu_model import check_parallelism_type
@@ -163,12 +163,13 @@ def load_parallel_pipeline(path, parallelism_type, gpu_ids=None, settings=None, 
         devices = [torch.device("cpu")]
     devices = resolve_devices(gpu_ids, devices)
     if parallelism_type == "auto":
-        inventory = [g for g in discovery.get_gpu_info() if torch.device("cuda", g["index"]) in devices]
+        # unlike GPUs are timed before their free memory is read (auto.read_inventory)
+        inventory = read_inventory(lambda g: torch.device("cuda", g["index"]) in devices)
         plan = setup_optimal_parallelism(path, gpus=inventory, width=width, height=height, num_frames=num_frames,
                                          base_precision=settings.base_precision, quantization=settings.quantization,
                                          block_swap=settings.swaps_blocks,
                                          torch_compile=settings.compile_args is not None,
-                                         shard_weights=shard_weights)
+                                         shard_weights=shard_weights, pipeline_branches=pipeline_branches)
         logger.info("auto: %s", plan["reason"])
         # the degrees are left to the workers: they choose per run, so a cfg-1 run uses every GPU
         return load_parallel_pipeline(

@@ -49,11 +49,10 @@ from ..gpus.speed import relative_speeds
 from ..quantization import QUANTIZATION_MODES
 from .block_distribution import blocks_per_device_by_memory
 from .distributed.topology import choose_degrees
-from .plan_cost import WORKER_PROCESS_GAIN, StepCosts, link_note, speeds_note
+from .plan_cost import GIB, WORKER_PROCESS_GAIN, StepCosts, gib, link_note, speeds_note
 
 logger = logging.getLogger(__name__)
 
-GIB = 2**30
 RUNTIME_RESERVE_BYTES = 1 * GIB
 FREE_MEMORY_MARGIN = 0.05
 SWAP_BUFFER_BLOCKS = 2            # offload's ring at prefetch_blocks=1: the block running, the one uploading
@@ -69,10 +68,6 @@ VAE_STRIDE = (4, 8, 8)            # Wan VAE: 4x in time (first frame kept), 8x i
 PLAN_KEYS = ("parallelism_type", "gpu_ids", "base_precision", "quantization", "blocks_to_swap",
              "blocks_to_swap_per_gpu", "blocks_per_gpu", "ulysses_degree", "ring_degree", "cfg_degree",
              "estimated_memory_per_gpu", "shard_weights", "reason")
-
-
-def gib(num_bytes):
-    return f"{num_bytes / GIB:.1f} GiB"
 
 
 def latent_token_count(width, height, num_frames, patch_size=(1, 2, 2), vae_stride=VAE_STRIDE):
@@ -169,13 +164,21 @@ def sequence_parallel_degrees(world_size, num_heads):
     return degrees.ulysses, degrees.ring
 
 
+def worker_degrees(world_size, num_heads, work):
+    """The ParallelDegrees the distributed workers choose for `world_size` ranks and this workload
+    (serving.WorkerSession.layout): CFG groups when the guidance scale is not 1, or at cfg 1 when the
+    batch is 2n videos of one size (cfg_parallel.splits_in_two), i.e. when the step's items are even."""
+    return choose_degrees(world_size, num_heads, use_cfg=work.splits_in_two)
+
+
 def activation_reserve_bytes(info, base_precision, quantization, width, height, num_frames):
     """Bytes each device keeps free for the activations of a CFG step (two branches, batch 1)."""
     footprint = ModelFootprint(info, base_precision, quantization)
     return Workload(footprint, width, height, num_frames, True, 1).full_activation
 
 
-def _check_inventory(gpus):
+def check_inventory(gpus):
+    """Raise ValueError naming a GPU entry that lacks index, free_memory or total_memory."""
     for gpu in gpus:
         missing = [k for k in ("index", "free_memory", "total_memory") if k not in gpu]
         if missing:
@@ -183,8 +186,9 @@ def _check_inventory(gpus):
                              "wanvideo.gpus.get_gpu_info().")
 
 
-def _plan(footprint, parallelism_type, gpus, estimates, reason, blocks_to_swap=0, blocks_to_swap_per_gpu=None,
-          blocks_per_gpu=None, ulysses=1, ring=1, cfg_degree=1, shard_weights="off"):
+def make_plan(footprint, parallelism_type, gpus, estimates, reason, blocks_to_swap=0, blocks_to_swap_per_gpu=None,
+              blocks_per_gpu=None, ulysses=1, ring=1, cfg_degree=1, shard_weights="off"):
+    """The plan dict (PLAN_KEYS) the planner's modules return, JSON-ready."""
     return dict(parallelism_type=parallelism_type, gpu_ids=[int(g["index"]) for g in gpus], shard_weights=shard_weights,
                 base_precision=footprint.base_precision, quantization=footprint.quantization,
                 blocks_to_swap=int(blocks_to_swap), blocks_to_swap_per_gpu=blocks_to_swap_per_gpu,
@@ -202,6 +206,8 @@ class Workload:
         self.tokens = latent_token_count(width, height, num_frames, footprint.patch_size, footprint.vae_stride)
         self.items = batch_size * (2 if cfg else 1)
         self.cfg, self.batch_size = cfg, batch_size
+        # what the workers split over two CFG groups: the branches, or at cfg 1 an even batch (one size)
+        self.splits_in_two = self.items % 2 == 0
         self.full_activation = footprint.activation_bytes(self.tokens, self.items)
         self.text = (f"{self.items} item{'s' if self.items > 1 else ''} "
                      f"({'cond + uncond' if cfg else 'no CFG'}{f' x batch {batch_size}' if batch_size > 1 else ''})"
@@ -210,7 +216,7 @@ class Workload:
 
 def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_precision="bf16",
                      quantization="disabled", cfg=True, batch_size=1, block_swap=False, torch_compile=False,
-                     shard_weights="auto"):
+                     shard_weights="auto", pipeline_branches=True):
     """CheckpointInfo + GPU inventory -> plan dict (see PLAN_KEYS and the module docstring).
 
     Order of preference: replicas when the model fits each of two or more GPUs (plan_replicated.py:
@@ -223,19 +229,19 @@ def plan_parallelism(info, gpus, width=832, height=480, num_frames=81, base_prec
     'relative_speed' in the inventory, else probed and cached).
     block_swap, torch_compile: the loader asks for them (its Block Swap / Torch Compile inputs).
     The distributed strategy's workers support neither, so it is then not chosen and the reason
-    says what it would have been.
+    says what it would have been. pipeline_branches: the loader's (default on): block distribution
+    pipelines the step's items through its stages, else they take the whole batch in turn.
     """
     plan = _choose_plan(info, gpus, width, height, num_frames, base_precision, quantization, cfg, batch_size,
-                        shard_weights=shard_weights)
-    asked = " and ".join(name for name, on in (("block swap", block_swap), ("torch.compile", torch_compile)) if on)
-    if plan["parallelism_type"] != "distributed" or not (asked or not nccl_available()):
+                        shard_weights=shard_weights, pipeline_branches=pipeline_branches)
+    why = workers_refused(block_swap, torch_compile)
+    if plan["parallelism_type"] != "distributed" or not why:
         return plan
     in_process = _choose_plan(info, gpus, width, height, num_frames, base_precision, quantization, cfg, batch_size,
-                              worker_processes=False)
-    why = (f"its worker processes do not combine with {asked}, which the loader asks for: disconnect that input to "
-           "use it" if asked else NO_NCCL)
-    in_process["reason"] += (f" (The distributed strategy, sequence parallel on {len(plan['gpu_ids'])} GPUs, would "
-                             f"be faster, but {why}.)")
+                              worker_processes=False, pipeline_branches=pipeline_branches)
+    refused = (f"with the weights sharded over {len(plan['gpu_ids'])} GPUs" if plan["shard_weights"] == "on" else
+               f"sequence parallel on {len(plan['gpu_ids'])} GPUs")
+    in_process["reason"] += f" (The distributed strategy, {refused}, would be faster, but {why}.)"
     return in_process
 
 
@@ -250,22 +256,33 @@ def nccl_available():
     return torch.distributed.is_available() and torch.distributed.is_nccl_available()
 
 
+def workers_refused(block_swap=False, torch_compile=False):
+    """Why the distributed strategy's worker processes cannot run here, or '' when they can: they
+    support neither block swap nor torch.compile, and need NCCL (nccl_available). Shared by
+    plan_parallelism and the expert pair's placement (experts.pair_placement)."""
+    asked = " and ".join(name for name, on in (("block swap", block_swap), ("torch.compile", torch_compile)) if on)
+    if asked:
+        return (f"its worker processes do not combine with {asked}, which the loader asks for: disconnect that input "
+                "to use it")
+    return "" if nccl_available() else NO_NCCL
+
+
 def _choose_plan(info, gpus, width, height, num_frames, base_precision, quantization, cfg, batch_size,
-                 worker_processes=True, shard_weights="auto"):
+                 worker_processes=True, shard_weights="auto", pipeline_branches=True):
     """plan_parallelism's choice; worker_processes=False leaves the distributed strategy out."""
     footprint = ModelFootprint(info, base_precision, quantization)
     work = Workload(footprint, width, height, num_frames, cfg, batch_size)
-    _check_inventory(gpus)
+    check_inventory(gpus)
     need = (f"{footprint.description} in {base_precision}"
             f"{' with ' + quantization + ' blocks' if quantization != 'disabled' else ''} needs "
             f"{gib(footprint.weight_bytes)} of weights and {gib(work.full_activation)} of activations for "
             f"{work.text}")
     if not gpus:
-        return _plan(footprint, "none", [], [], f"No CUDA GPU was found, so the model runs on the CPU ({need}; "
-                     "many times slower than a GPU). Install the NVIDIA driver and a CUDA build of PyTorch, or check "
-                     "CUDA_VISIBLE_DEVICES, to use a GPU.")
+        return make_plan(footprint, "none", [], [], f"No CUDA GPU was found, so the model runs on the CPU ({need}; "
+                         "many times slower than a GPU). Install the NVIDIA driver and a CUDA build of PyTorch, or "
+                         "check CUDA_VISIBLE_DEVICES, to use a GPU.")
     speeds, speed_source = relative_speeds(gpus)
-    costs = StepCosts(footprint, work, speeds, speed_source)
+    costs = StepCosts(footprint, work, speeds, speed_source, pipelined=pipeline_branches)
     single_bytes = estimate_single_gpu_bytes(footprint, work.full_activation)
     fitting = sorted((g for g in gpus if single_bytes <= usable_memory(g)),
                      key=lambda g: (speeds.get(g["index"], 1.0), usable_memory(g)), reverse=True)
@@ -284,9 +301,9 @@ def _choose_plan(info, gpus, width, height, num_frames, base_precision, quantiza
                            "another, no faster than one GPU." if len(fitting) == 1 else
                            f"there is a single item and only {work.tokens} tokens, too few to split across GPUs "
                            f"(at least {2 * MIN_TOKENS_PER_SEQUENCE_SHARD} are needed).")) + speeds_note(costs, gpus)
-        return _plan(footprint, "none", [best], [single_bytes],
-                     f"{need}: {gib(single_bytes)} in all, which fits GPU {best['index']} "
-                     f"({gib(usable_memory(best))} usable), so it runs there without block swap.{why_single}")
+        return make_plan(footprint, "none", [best], [single_bytes],
+                         f"{need}: {gib(single_bytes)} in all, which fits GPU {best['index']} "
+                         f"({gib(usable_memory(best))} usable), so it runs there without block swap.{why_single}")
     sharded = distributed = None
     if len(gpus) >= 2 and worker_processes and shard_weights != "off":
         from .plan_sharded import plan_sharded_distributed  # imports this module: see plan_sharded.py
@@ -334,17 +351,17 @@ def _plan_swap(footprint, work, gpu, need, note=""):
     swap = minimal_blocks_to_swap(footprint, work.full_activation, available)
     if swap is None:
         estimate = estimate_single_gpu_bytes(footprint, work.full_activation, footprint.num_layers)
-        return _plan(footprint, "none", [gpu], [estimate], blocks_to_swap=footprint.num_layers,
-                     reason=f"{need}; even with all {footprint.num_layers} blocks swapped to CPU memory GPU "
-                            f"{gpu['index']} would need {gib(estimate)} but has {gib(available)} usable: it will "
-                            "most likely run out of memory. Lower the resolution or the number of frames, turn CFG "
-                            "batching off, or use fp8 quantization." + note)
+        return make_plan(footprint, "none", [gpu], [estimate], blocks_to_swap=footprint.num_layers,
+                         reason=f"{need}; even with all {footprint.num_layers} blocks swapped to CPU memory GPU "
+                                f"{gpu['index']} would need {gib(estimate)} but has {gib(available)} usable: it will "
+                                "most likely run out of memory. Lower the resolution or the number of frames, turn CFG "
+                                "batching off, or use fp8 quantization." + note)
     estimate = estimate_single_gpu_bytes(footprint, work.full_activation, swap)
-    return _plan(footprint, "none", [gpu], [estimate], blocks_to_swap=swap,
-                 reason=f"{need}, more than GPU {gpu['index']} offers ({gib(available)} usable). Keeping {swap} of "
-                        f"{footprint.num_layers} blocks in CPU memory and streaming them in during each step "
-                        f"brings it to {gib(estimate)}; each swapped block is copied over PCIe every step, so fewer "
-                        f"is faster.{_fp8_hint(footprint)}{note}")
+    return make_plan(footprint, "none", [gpu], [estimate], blocks_to_swap=swap,
+                     reason=f"{need}, more than GPU {gpu['index']} offers ({gib(available)} usable). Keeping {swap} of "
+                            f"{footprint.num_layers} blocks in CPU memory and streaming them in during each step "
+                            f"brings it to {gib(estimate)}; each swapped block is copied over PCIe every step, so "
+                            f"fewer is faster.{_fp8_hint(footprint)}{note}")
 
 
 def _plan_block_distribution(footprint, work, gpus, need, costs):
@@ -395,17 +412,21 @@ def _plan_block_distribution(footprint, work, gpus, need, costs):
         swap_text = (f" Together they are still too small, so {sum(swaps)} blocks of GPU "
                      f"{candidates[swaps.index(max(swaps))]['index']} stay in CPU memory and are streamed in each "
                      f"step.{_fp8_hint(footprint)}" if sum(swaps) else " No block swap is needed.")
-        return _plan(footprint, "block_distribution", candidates, estimates, blocks_to_swap=sum(swaps),
-                     blocks_to_swap_per_gpu=swaps if sum(swaps) else None, blocks_per_gpu=blocks,
-                     reason=f"{need}: too much for any single GPU, so the {footprint.num_layers} blocks are split in "
-                            f"contiguous ranges in proportion to each GPU's free memory after its activations"
-                            f"{' times its relative speed' if mixed else ''} "
-                            f"({'; '.join(ranges)}); embeddings sit on the first GPU and the head on the last. "
-                            f"With CFG (or a batch) the loader pipelines the branches through the GPUs, so they work "
-                            f"at once; a single branch goes through them in turn, about as long as on one GPU that "
-                            f"held it all."
-                            f"{swap_text}"
-                            + (f" GPUs {left_out} are left out: their free memory next to the activations holds "
-                               f"no block, or fewer block bytes than the activation traffic they would add each step."
-                               if left_out else "") + mixed + link_note(candidates)), estimate
+        return make_plan(footprint, "block_distribution", candidates, estimates, blocks_to_swap=sum(swaps),
+                         blocks_to_swap_per_gpu=swaps if sum(swaps) else None, blocks_per_gpu=blocks,
+                         reason=f"{need}: too much for any single GPU, so the {footprint.num_layers} blocks are "
+                                f"split in contiguous ranges in proportion to each GPU's free memory after its "
+                                f"activations"
+                                f"{' times its relative speed' if mixed else ''} "
+                                f"({'; '.join(ranges)}); embeddings sit on the first GPU and the head on the last. "
+                                + ("With CFG (or a batch) the loader pipelines the branches through the GPUs, so they "
+                                   "work at once; a single branch goes through them in turn, about as long as on one "
+                                   "GPU that held it all." if costs.pipelined else
+                                   "With pipeline_branches off the GPUs take the whole batch in turn, a step about as "
+                                   "long as on one GPU that held it all.")
+                                + swap_text
+                                + (f" GPUs {left_out} are left out: their free memory next to the activations holds "
+                                   "no block, or fewer block bytes than the activation traffic they would add each "
+                                   "step."
+                                   if left_out else "") + mixed + link_note(candidates)), estimate
     return None

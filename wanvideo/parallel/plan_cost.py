@@ -10,9 +10,12 @@ estimates, and the plan's reason quotes them. They are estimates for choosing, n
                attention output back), and ring attention's k and v passes, 2 x (tokens / r) x
                (dim / u) x (r - 1) per block; 2 bytes a number. Not overlapped with compute (each
                block waits for its exchange);
-    gather     sharded weights: each GPU receives (N - 1) / N of the weights per forward; FSDP2 gathers
-               the next block while the current one computes, so a step takes the longer of the two;
-    hops       block distribution: the activations (items x tokens x dim) cross each stage boundary;
+    gather     sharded weights: each GPU receives (N - 1) / N of the weights per forward, and runs two
+               forwards per step (cond, then uncond: a gather each) when CFG is on and not split over
+               CFG groups (cfg_degree 1); FSDP2 gathers the next block while the current one
+               computes, so a step takes the longer of the two;
+    hops       block distribution: the activations (items x tokens x dim) cross each stage boundary
+               (the total over the boundaries, one after the other);
     swap       blocks kept in CPU memory are uploaded once per step over the GPU's own PCIe link,
                hidden behind that stage's compute up to its length.
 
@@ -25,12 +28,22 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from ..gpus import GIB
 from ..gpus.links import Link, pcie_gb_per_s, slowest_link
 
 ASSUMED_TFLOPS = 400.0
 EXCHANGE_BYTES = 2               # bf16 activations on the wire
 WORKER_PROCESS_GAIN = 1.2        # worker processes (start-up, a second copy of the inputs) must win by this much
-GIB = 2**30
+
+
+def gib(num_bytes):
+    """'13.1 GiB': memory (traffic is printed in GB, the unit of the links' GB/s)."""
+    return f"{num_bytes / GIB:.1f} GiB"
+
+
+def gb(num_bytes):
+    """'14.1 GB' (10**9 bytes): traffic, in the unit of the links' GB/s."""
+    return f"{num_bytes / 1e9:.1f} GB"
 
 
 def flops_per_item(footprint, tokens):
@@ -52,6 +65,7 @@ class Estimate:
     traffic_bytes: float = 0.0
     link: Optional[Link] = None
     what: str = "exchange"   # what the traffic is: 'exchange', 'weight gather', 'activation hops'...
+    per_gpu: bool = True     # traffic_bytes is what each GPU sends (False: the total, as for hops)
 
     def text(self):
         if not self.traffic_bytes:
@@ -59,19 +73,18 @@ class Estimate:
         over = (f"over {self.link.description}" if self.link is not None else
                 "(not counted: the inventory does not say how the GPUs are linked)")
         return (f"about {self.seconds:.2f} s per step: {self.compute:.2f} s of compute and "
-                f"{gib(self.traffic_bytes)} of {self.what} per GPU {over}"
+                f"{gb(self.traffic_bytes)} of {self.what}{' per GPU' if self.per_gpu else ' in all'} {over}"
                 + (f", {self.traffic:.2f} s" if self.link is not None else ""))
-
-
-def gib(num_bytes):
-    return f"{num_bytes / GIB:.1f} GiB"
 
 
 class StepCosts:
     """The estimates for one model, workload and inventory. speeds: {torch index: relative speed}."""
 
-    def __init__(self, footprint, work, speeds, speed_source="given"):
+    def __init__(self, footprint, work, speeds, speed_source="given", pipelined=True):
+        """pipelined: block distribution runs the step's items as micro-batches pipelined through the
+        stages (the loader's pipeline_branches; else each stage takes the whole batch in turn)."""
         self.footprint, self.work, self.speeds, self.speed_source = footprint, work, speeds, speed_source
+        self.pipelined = pipelined
         self.item_flops = flops_per_item(footprint, work.tokens)
 
     def _seconds(self, flops, gpus):
@@ -105,25 +118,29 @@ class StepCosts:
         link, traffic = self._over(nbytes, chosen)
         return Estimate(compute + traffic, compute, traffic, nbytes, link)
 
+    def forwards_per_step(self, cfg_degree):
+        """Forwards each GPU runs per step: two with CFG on and its branches not split over CFG groups
+        (cond, then uncond: cfg_parallel.GuidedVelocityModel), else one."""
+        return 2 if self.work.cfg and cfg_degree == 1 else 1
+
     def sharded(self, chosen, cfg_degree, ulysses, ring):
         """Sequence parallel with the weights sharded over all of `chosen`: gathered every forward."""
         world = len(chosen)
-        exchange = self.sequence_parallel(chosen, cfg_degree, ulysses, ring) if ulysses * ring > 1 else None
-        compute = self._seconds(self.work.items // cfg_degree * self.item_flops / (ulysses * ring), chosen)
-        gathered = self.footprint.weight_bytes * (world - 1) / world
+        split = self.sequence_parallel(chosen, cfg_degree, ulysses, ring)  # compute, and the exchange if any
+        gathered = self.footprint.weight_bytes * (world - 1) / world * self.forwards_per_step(cfg_degree)
         link, gather = self._over(gathered, chosen)
-        exchange_seconds = exchange.traffic if exchange else 0.0
-        exchange_bytes = exchange.traffic_bytes if exchange else 0.0
-        return Estimate(max(compute, gather) + exchange_seconds, compute, gather + exchange_seconds,
-                        gathered + exchange_bytes, link, "weight gather" + (" and exchange" if exchange else ""))
+        exchanged = ulysses * ring > 1
+        return Estimate(max(split.compute, gather) + split.traffic, split.compute, gather + split.traffic,
+                        gathered + split.traffic_bytes, link, "weight gather" + (" and exchange" if exchanged else ""))
 
-    def block_distribution(self, chosen, blocks, swaps=None, pipelined=True):
+    def block_distribution(self, chosen, blocks, swaps=None):
         """Stages in GPipe order: the first micro-batch through every stage, then one slowest stage per
-        further micro-batch (items); without pipelining the whole batch goes stage after stage."""
+        further micro-batch (items); without pipelining (self.pipelined False) the whole batch goes
+        stage after stage."""
         block_flops = self.item_flops / self.footprint.num_layers
         per_item = [self._seconds(b * block_flops, [g]) for g, b in zip(chosen, blocks)]
         items = self.work.items
-        compute = (sum(per_item) + (items - 1) * max(per_item) if pipelined and items > 1
+        compute = (sum(per_item) + (items - 1) * max(per_item) if self.pipelined and items > 1
                    else items * sum(per_item))
         swap_wait = 0.0
         for gpu, swapped, stage in zip(chosen, swaps or [0] * len(chosen), per_item):
@@ -132,11 +149,13 @@ class StepCosts:
                 swap_wait += max(0.0, swapped * self.footprint.block_bytes / (rate * 1e9) - items * stage)
         hop_bytes = (len(chosen) - 1) * items * self.work.tokens * self.footprint.dim * EXCHANGE_BYTES
         link, hops = self._over(hop_bytes, chosen)
-        return Estimate(compute + swap_wait + hops, compute + swap_wait, hops, hop_bytes, link, "activation hops")
+        return Estimate(compute + swap_wait + hops, compute + swap_wait, hops, hop_bytes, link, "activation hops",
+                        per_gpu=False)
 
 
 SPEED_SOURCES = {"given": "as given in the inventory", "measured": "measured with a bf16 matmul probe",
-                 "same model": "one GPU model", "not measured": "not measured: no CUDA here"}
+                 "same model": "one GPU model",
+                 "not measured": "not measured: not GPUs of this machine, or no CUDA here"}
 
 
 def speeds_note(costs, gpus):

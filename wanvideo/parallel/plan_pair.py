@@ -1,18 +1,18 @@
 """The plan for a Wan 2.2 A14B expert pair (a high-noise and a low-noise file) on an inventory of GPUs.
 
 The placement is the expert loader's own 'auto' (experts.pair_placement: both experts on every GPU
-as two worker groups when they fit every GPU, else each expert on its half of the GPUs; one GPU:
-both there, or the idle expert in host memory); each expert's strategy on its GPUs is the planner's
+as two worker groups when they fit every GPU's usable memory with the activations and the runtime
+reserve and worker processes can run, else each expert on its half of the GPUs; one GPU: both
+there, or the idle expert in host memory); each expert's strategy on its GPUs is the planner's
 (plan.plan_parallelism). The result is a plan dict like plan_parallelism's (PLAN_KEYS) for the pair,
 with 'experts': {'high_noise': plan, 'low_noise': plan} and 'low_noise_model' added.
 """
 import math
 
 from ..pipeline import LoadSettings
-from .distributed.topology import choose_degrees
-from .experts import _check_pair, _expert_bytes, _reserve, pair_placement
-from .plan import (RUNTIME_RESERVE_BYTES, ModelFootprint, Workload, _check_inventory, gib, plan_parallelism,
-                   usable_memory)
+from .experts import check_pair, expert_bytes, pair_placement, reserve
+from .plan import (RUNTIME_RESERVE_BYTES, ModelFootprint, Workload, check_inventory, gib, plan_parallelism,
+                   usable_memory, worker_degrees, workers_refused)
 from .plan_cost import link_note
 
 __all__ = ["plan_expert_pair", "pair_name", "PAIR_KEYS"]
@@ -33,20 +33,20 @@ def plan_expert_pair(high_info, low_info, gpus, width=832, height=480, num_frame
                      quantization="disabled", cfg=True, batch_size=1, **settings):
     """(high-noise CheckpointInfo, low-noise CheckpointInfo, inventory) -> the pair's plan dict.
 
-    Raises ValueError when the two files are not one model's two experts (experts._check_pair).
-    settings: block_swap, torch_compile, shard_weights, as plan_parallelism takes them."""
-    _check_pair(high_info, low_info)
-    _check_inventory(gpus)
+    Raises ValueError when the two files are not one model's two experts (experts.check_pair).
+    settings: block_swap, torch_compile, shard_weights, pipeline_branches, as plan_parallelism takes them."""
+    check_pair(high_info, low_info)
+    check_inventory(gpus)
     workload = dict(width=width, height=height, num_frames=num_frames, base_precision=base_precision,
                     quantization=quantization, cfg=cfg, batch_size=batch_size, **settings)
     load = LoadSettings(base_precision=base_precision, quantization=quantization)
-    need = _expert_bytes(high_info, load)
-    reserve = _reserve(high_info, load, dict(width=width, height=height, num_frames=num_frames))
+    need = expert_bytes(high_info, load)
+    activations = reserve(high_info, load, dict(width=width, height=height, num_frames=num_frames))
     name = f"{pair_name(high_info)} high-noise + low-noise experts"
     if len(gpus) < 2:
         placement = "none"
         room = usable_memory(gpus[0]) if gpus else 0
-        resident = bool(gpus) and 2 * need + reserve <= room
+        resident = bool(gpus) and 2 * need + activations + RUNTIME_RESERVE_BYTES <= room
         high = plan_parallelism(high_info, gpus, **workload)
         low = plan_parallelism(low_info, gpus, **workload)
         if resident:
@@ -62,9 +62,12 @@ def plan_expert_pair(high_info, low_info, gpus, width=832, height=480, num_frame
             estimates, why = [], "no CUDA GPU: both experts run on the CPU"
         gpu_ids = high["gpu_ids"]
     else:
-        placement, why = pair_placement([g["free_memory"] for g in gpus], need, reserve)
+        layout = _PairLayout(high_info, gpus, workload)
+        # the loader's rule, with at least the activations the layout's own estimate counts (a batch)
+        placement, why = pair_placement(gpus, need, max(activations, layout.activation),
+                                        workers_refused(settings.get("block_swap"), settings.get("torch_compile")))
         if placement == "distributed":  # two worker groups on the same GPUs, each GPU holding both experts
-            high = _distributed_pair_plan(high_info, gpus, need, workload)
+            high = layout.plan(need)
             low = dict(high)
             gpu_ids, estimates = high["gpu_ids"], high["estimated_memory_per_gpu"]
             why += "." + link_note(gpus).rstrip(".")
@@ -94,24 +97,29 @@ def _short(reason, same_as):
     return "as the high-noise expert." if reason.replace("low-noise", "high-noise") == same_as else reason
 
 
-def _distributed_pair_plan(info, gpus, need, workload):
+class _PairLayout:
     """Each expert's worker group on all `gpus`, in the layout the workers choose themselves
-    (distributed.topology.choose_degrees: CFG parallel first, then Ulysses, then ring); every GPU
-    holds both experts and one expert's share of the activations at a time."""
-    footprint = ModelFootprint(info, workload["base_precision"], workload["quantization"])
-    work = Workload(footprint, workload["width"], workload["height"], workload["num_frames"], workload["cfg"],
-                    workload["batch_size"])
-    world = len(gpus)
-    degrees = choose_degrees(world, footprint.num_heads, use_cfg=work.cfg and work.items % 2 == 0)
-    shards = degrees.ulysses * degrees.ring
-    activation = footprint.activation_bytes(work.tokens, math.ceil(work.items / degrees.cfg), shards)
-    per_gpu = 2 * need + activation + RUNTIME_RESERVE_BYTES
-    return dict(parallelism_type="distributed", gpu_ids=[g["index"] for g in gpus], shard_weights="off",
-                base_precision=footprint.base_precision, quantization=footprint.quantization, blocks_to_swap=0,
-                blocks_to_swap_per_gpu=None, blocks_per_gpu=None, ulysses_degree=degrees.ulysses,
-                ring_degree=degrees.ring, cfg_degree=degrees.cfg, estimated_memory_per_gpu=[per_gpu] * world,
-                reason=f"{footprint.description} in {footprint.base_precision}: {world} worker processes "
-                       f"(cfg_degree {degrees.cfg} x ulysses {degrees.ulysses} x ring {degrees.ring}) for "
-                       f"{work.text}, each GPU holding both experts ({gib(2 * need)}) and one expert's activations "
-                       f"({gib(activation)}): {gib(per_gpu)} per GPU.")
+    (plan.worker_degrees: CFG groups first, then Ulysses, then ring); every GPU holds both experts
+    and one expert's share of the activations at a time."""
 
+    def __init__(self, info, gpus, workload):
+        self.gpus = gpus
+        self.footprint = ModelFootprint(info, workload["base_precision"], workload["quantization"])
+        self.work = Workload(self.footprint, workload["width"], workload["height"], workload["num_frames"],
+                             workload["cfg"], workload["batch_size"])
+        self.degrees = worker_degrees(len(gpus), self.footprint.num_heads, self.work)
+        shards = self.degrees.ulysses * self.degrees.ring
+        self.activation = self.footprint.activation_bytes(self.work.tokens,
+                                                          math.ceil(self.work.items / self.degrees.cfg), shards)
+
+    def plan(self, need):
+        footprint, work, degrees, world = self.footprint, self.work, self.degrees, len(self.gpus)
+        per_gpu = 2 * need + self.activation + RUNTIME_RESERVE_BYTES
+        return dict(parallelism_type="distributed", gpu_ids=[g["index"] for g in self.gpus], shard_weights="off",
+                    base_precision=footprint.base_precision, quantization=footprint.quantization, blocks_to_swap=0,
+                    blocks_to_swap_per_gpu=None, blocks_per_gpu=None, ulysses_degree=degrees.ulysses,
+                    ring_degree=degrees.ring, cfg_degree=degrees.cfg, estimated_memory_per_gpu=[per_gpu] * world,
+                    reason=f"{footprint.description} in {footprint.base_precision}: {world} worker processes "
+                           f"(cfg_degree {degrees.cfg} x ulysses {degrees.ulysses} x ring {degrees.ring}) for "
+                           f"{work.text}, each GPU holding both experts ({gib(2 * need)}) and one expert's "
+                           f"activations ({gib(self.activation)}): {gib(per_gpu)} per GPU.")

@@ -19,8 +19,8 @@ Memory per GPU, on top of plan.py's model (module docstring there):
 import math
 
 from .distributed.sharding import fsdp2_missing
-from .plan import RUNTIME_RESERVE_BYTES, _plan, gib, sequence_parallel_degrees, usable_memory
-from .plan_cost import link_note, speeds_note
+from .plan import RUNTIME_RESERVE_BYTES, make_plan, usable_memory, worker_degrees
+from .plan_cost import gb, gib, link_note, speeds_note
 
 SHARD_GATHERED_BLOCKS = 2
 
@@ -42,35 +42,40 @@ def plan_sharded_distributed(footprint, work, gpus, need, costs):
     ranked = sorted(gpus, key=lambda g: (costs.speeds.get(g["index"], 1.0), usable_memory(g)), reverse=True)
     options = []
     for world in range(len(gpus), 1, -1):
-        cfg_degree = 2 if work.cfg and work.items % 2 == 0 and world % 2 == 0 else 1
-        shards = world // cfg_degree
+        degrees = worker_degrees(world, footprint.num_heads, work)  # the workers' own layout
+        shards = degrees.ulysses * degrees.ring
         nbytes = estimate_sharded_bytes(
-            footprint, footprint.activation_bytes(work.tokens, work.items // cfg_degree, shards), world)
+            footprint, footprint.activation_bytes(work.tokens, work.items // degrees.cfg, shards), world)
         chosen = [g for g in ranked if nbytes <= usable_memory(g)][:world]
         if len(chosen) == world:
-            ulysses, ring = sequence_parallel_degrees(shards, footprint.num_heads)
-            options.append((costs.sharded(chosen, cfg_degree, ulysses, ring), -world, cfg_degree, shards, chosen,
-                            nbytes))
+            options.append((costs.sharded(chosen, degrees.cfg, degrees.ulysses, degrees.ring), -world, degrees,
+                            chosen, nbytes))
     if not options:
         return None
-    time_estimate, _, cfg_degree, shards, chosen, estimate = min(options, key=lambda o: (o[0].seconds, o[1]))
-    world = cfg_degree * shards
+    time_estimate, _, degrees, chosen, estimate = min(options, key=lambda o: (o[0].seconds, o[1]))
+    world, cfg_degree, ulysses, ring = degrees.world_size, degrees.cfg, degrees.ulysses, degrees.ring
+    shards = ulysses * ring
     chosen = sorted(chosen, key=lambda g: g["index"])
-    ulysses, ring = sequence_parallel_degrees(shards, footprint.num_heads)
-    split = ["the cond and uncond branches on 2 groups of GPUs (cfg_degree 2)"] if cfg_degree > 1 else []
+    forwards = costs.forwards_per_step(cfg_degree)
+    split = []
+    if cfg_degree > 1:
+        split.append("the cond and uncond branches on 2 groups of GPUs (cfg_degree 2)" if work.cfg else
+                     "the batch's two halves on 2 groups of GPUs (cfg_degree 2)")
     if shards > 1:
         split.append(f"the {work.tokens} tokens over {shards} GPUs (ulysses {ulysses} x ring {ring})")
     idle = len(gpus) - world
-    return _plan(footprint, "distributed", chosen, [estimate] * world, ulysses=ulysses, ring=ring,
-                 cfg_degree=cfg_degree, shard_weights="on",
-                 reason=f"{need}: a whole copy fits none of the GPUs, but 1/{world} of the weights does. {world} "
-                        f"worker processes each keep 1/{world} of every weight ({gib(footprint.weight_bytes / world)}) "
-                        f"and gather each block from the others just before it runs, the next block's gather "
-                        f"overlapping the current block's compute (FSDP2): {gib(estimate)} per GPU. They share every "
-                        f"step ({' and '.join(split)}), where block distribution would run the GPUs in turn; the "
-                        f"price is one gather of the weights per forward "
-                        f"({gib(footprint.weight_bytes * (world - 1) / world)} received by each GPU)."
-                        + f" Estimated {time_estimate.text()}."
-                        + (f" {idle} GPU{'s stay' if idle > 1 else ' stays'} idle: too little memory for a shard, or "
-                           "too slow a GPU or link to gain from more." if idle else "")
-                        + link_note(chosen) + speeds_note(costs, chosen)), time_estimate
+    return make_plan(footprint, "distributed", chosen, [estimate] * world, ulysses=ulysses, ring=ring,
+                     cfg_degree=cfg_degree, shard_weights="on",
+                     reason=f"{need}: a whole copy fits none of the GPUs, but 1/{world} of the weights does. "
+                            f"{world} worker processes each keep 1/{world} of every weight "
+                            f"({gib(footprint.weight_bytes / world)}) and gather each block from the others just "
+                            f"before it runs, the next block's gather overlapping the current block's compute (FSDP2): "
+                            f"{gib(estimate)} per GPU. They share every step ({' and '.join(split)}), where block "
+                            f"distribution would run the GPUs in turn; the price is one gather of the weights per "
+                            f"forward "
+                            f"({gb(footprint.weight_bytes * (world - 1) / world)} received by each GPU"
+                            + (", twice a step: cond, then uncond" if forwards > 1 else "") + ")."
+                            + f" Estimated {time_estimate.text()}."
+                            + (f" {idle} GPU{'s stay' if idle > 1 else ' stays'} idle: too little memory for a "
+                               "shard, or too slow a GPU or link to gain from more." if idle else "")
+                            + link_note(chosen) + speeds_note(costs, chosen)), time_estimate

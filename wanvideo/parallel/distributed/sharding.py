@@ -152,7 +152,7 @@ def _meta_model_in_storage_dtypes(info, dtype, quantization):
     return model
 
 
-def _shard(model, device, prefetch):
+def shard(model, device, prefetch):
     """fully_shard per block, then the root (embeddings, head) over a mesh of every rank."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -270,7 +270,7 @@ def load_sharded_model(path, device, settings, info=None, prefetch=True):
     # LoRA keys are matched against the names and shapes of the meta model, then merged tensor by tensor.
     updates = collect_lora_updates(model, settings.loras)[0] if settings.loras else {}
     try:
-        _shard(model, device, prefetch)
+        shard(model, device, prefetch)
         model.to_empty(device=device)  # this rank's rows only (FSDP keeps its padded shard storage)
         with torch.no_grad(), open_checkpoint(path) as handle:
             _fill_local_shards(model, _TensorSource(handle, info, device, report), fp8_dtype, updates, report)

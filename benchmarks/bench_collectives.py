@@ -19,12 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python benchmarks/X.py`
+from wanvideo.parallel.distributed.workers import free_port  # noqa: E402
 
 # name: (video tokens at 81 frames, model dim, blocks)
 CASES = {"14B_480p": (32760, 5120, 40), "14B_720p": (75600, 5120, 40),

@@ -61,6 +61,7 @@ from wanvideo.modules.model import WanModel  # noqa: E402
 from wanvideo.parallel.distributed.cfg_parallel import GuidedVelocityModel  # noqa: E402
 from wanvideo.parallel.distributed.sequence_parallel import apply_sequence_parallel  # noqa: E402
 from wanvideo.parallel.distributed.topology import ParallelDegrees, ParallelGroups, choose_degrees  # noqa: E402
+from wanvideo.parallel.distributed.workers import free_port  # noqa: E402
 from wanvideo.sampling import Conditioning  # noqa: E402
 
 LABEL = "projection (not measured)"
@@ -245,13 +246,9 @@ def world_of_one(device):
     if dist.is_initialized():
         yield None
         return
-    import socket
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=0, world_size=1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     except Exception as error:  # noqa: BLE001 - reported in the rows that need it
         yield f"no process group of one for weight sharding: {error!r}"
         return

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import relative_error
+from conftest import counted_collectives, relative_error
 from wanvideo import benchmark as bench
 
 SMALL = dict(width=64, height=48, num_frames=5, base_precision="fp32")
@@ -331,36 +331,7 @@ def test_projected_bytes_follow_the_math_and_the_time_falls_only_where_it_should
 LAYOUTS = [((2, 2, 1), 5.0, False), ((1, 2, 2), 1.0, False), ((2, 1, 2), 5.0, True)]  # (cfg, ulysses, ring), cfg, shard
 
 
-def _counting_wrappers(log, dist):
-    """torch.distributed's collectives in this process log (name, bytes sent, group size)."""
-    fsdp = {"all_gather_single", "all_gather_into_tensor"}
-    size = lambda group: dist.get_world_size(group)
-    originals = {}
-
-    def wrap(name, sent_of):
-        original = originals[name] = getattr(dist, name)
-
-        def counting(*args, **kwargs):
-            if name == "batch_isend_irecv":
-                for op in args[0]:
-                    if op.op is dist.isend:
-                        log.append((name, op.tensor.numel() * op.tensor.element_size(), size(op.group)))
-            else:
-                sent = sent_of(args, kwargs)
-                log.append(("fsdp_all_gather" if name in fsdp else name, sent.numel() * sent.element_size(),
-                            size(kwargs.get("group"))))
-            return original(*args, **kwargs)
-        setattr(dist, name, counting)
-
-    second = lambda key: (lambda args, kwargs: args[1] if len(args) > 1 else kwargs[key])
-    wrap("all_to_all_single", second("input"))
-    wrap("all_gather", second("tensor"))
-    for name in fsdp:
-        if hasattr(dist, name):
-            wrap(name, second("input_tensor"))
-    wrap("all_reduce", lambda args, kwargs: args[0])
-    wrap("batch_isend_irecv", None)
-    return originals
+FSDP_GATHERS = {"all_gather_single", "all_gather_into_tensor"}  # what FSDP2's weight gathers call
 
 
 def _counting_rank(rank, world_size, port, out_folder):
@@ -384,15 +355,13 @@ def _counting_rank(rank, world_size, port, out_folder):
         apply_sequence_parallel(model, groups)
         x, t, positive, negative = projection._inputs(work)
         guided = GuidedVelocityModel(model, groups, negative, cfg)
-        log = []
         with torch.no_grad():
             guided(x, t, positive)  # a first step: any one-off collective stays out of the count
-            originals = _counting_wrappers(log, dist)
-            guided(x, t, positive)
-            dist.all_reduce(torch.zeros(1, dtype=torch.int32), op=dist.ReduceOp.MAX)  # WorkerSession.any_rank
-        for name, original in originals.items():
-            setattr(dist, name, original)
-        results.append(projection.summarize(log))
+            with counted_collectives() as log:
+                guided(x, t, positive)
+                dist.all_reduce(torch.zeros(1, dtype=torch.int32), op=dist.ReduceOp.MAX)  # WorkerSession.any_rank
+        results.append(projection.summarize([("fsdp_all_gather" if name in FSDP_GATHERS else name, sent, size)
+                                             for name, _, sent, size in log]))
     with open(os.path.join(out_folder, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

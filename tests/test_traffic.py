@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-from conftest import free_port, relative_error
+from conftest import counted_collectives, free_port, relative_error
 from wanvideo.checkpoint import load_wan_model
 from wanvideo.tiny import make_tiny_checkpoint
 
@@ -22,25 +22,6 @@ CPU = torch.device("cpu")
 GRID = (3, 6, 10)            # latent frames, height, width: 3 x 3 x 5 = 45 tokens (odd: the second shard is padded)
 TOKENS = 45
 DIM, HEADS = 96, 6
-COLLECTIVES = ("all_to_all_single", "all_gather", "all_gather_into_tensor", "send", "recv", "isend", "irecv",
-               "batch_isend_irecv", "all_reduce", "broadcast")
-
-
-def _count_collectives(log):
-    """Wrap torch.distributed's collectives in this process: each call appends (name, shape, bytes sent)."""
-    for name in COLLECTIVES:
-        original = getattr(dist, name)
-
-        def counting(*args, _name=name, _original=original, **kwargs):
-            sent = args[1] if _name in ("all_to_all_single", "all_gather", "all_gather_into_tensor") else args[0]
-            if isinstance(sent, torch.Tensor):
-                log.append((_name, list(sent.shape), sent.numel() * sent.element_size()))
-            else:
-                log.append((_name, None, None))
-            return _original(*args, **kwargs)
-        setattr(dist, name, counting)
-
-
 def _rank(rank, world_size, port, path, out_folder):
     from wanvideo.parallel.distributed import ParallelDegrees
     from wanvideo.parallel.distributed.sequence_parallel import apply_sequence_parallel
@@ -56,12 +37,8 @@ def _rank(rank, world_size, port, path, out_folder):
     per_token_t[:, :15] = 0.0  # Wan 2.2 TI2V: the first frame's tokens clean
     results = {}
     for name, t in (("t", torch.tensor([600.0])), ("per_token_t", per_token_t)):
-        log = []
-        _count_collectives(log)
-        with torch.no_grad():
+        with torch.no_grad(), counted_collectives() as log:
             out = model(x, t, context)[0]
-        for collective in COLLECTIVES:  # unwrap before the reference, which sends nothing
-            setattr(dist, collective, getattr(dist, collective).__kwdefaults__["_original"])
         with torch.no_grad():
             expected = plain(x, t, context)[0]
         results[name] = dict(log=log, error=relative_error(out, expected))
@@ -117,13 +94,9 @@ def _halves_rank(rank, world_size, port, path, out_folder):
     t = torch.tensor([600.0, 600.0])
     batches, forward = [], session.model.forward
     session.model.forward = lambda x, *args, **kwargs: batches.append(len(x)) or forward(x, *args, **kwargs)
-    log = []
-    _count_collectives(log)
-    with torch.no_grad():  # what a worker does with a 'forward' request at cfg 1 (the expert pair's)
+    with torch.no_grad(), counted_collectives() as log:  # a worker's 'forward' request at cfg 1 (the expert pair's)
         out = session.run(Request("forward", latents=x, timestep=t, positive=Conditioning(context), cfg=1.0),
                           lambda: False)
-    for collective in COLLECTIVES:
-        setattr(dist, collective, getattr(dist, collective).__kwdefaults__["_original"])
     with torch.no_grad():
         expected = plain(list(x), t, context)
     result = dict(degrees=str(session._applied), batches=batches, log=log,

@@ -59,7 +59,7 @@ STOP_GRACE_S = 10.0
 #   weights          the weights read from the file onto the device, LoRAs merged (or the shards)
 STARTUP_PHASES = ("spawn", "imports", "cuda_init", "process_group", "weights")
 
-__all__ = ["DistributedWanRunner", "WorkerGroupError", "worker_main", "STARTUP_PHASES", "warm_up_worker_context"]
+__all__ = ["DistributedWanRunner", "WorkerGroupError", "worker_main", "STARTUP_PHASES", "warm_up_worker_context", "free_port"]
 
 
 # --- the worker process ---------------------------------------------------------------------------
@@ -204,7 +204,8 @@ class _PhaseClock:
 
 # --- the parent side ------------------------------------------------------------------------------
 
-def _free_port():
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on (a process group's rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -294,7 +295,7 @@ class _WorkerGroup(WorkerTransport):
         context = worker_context()
         backend = _backend(devices, load_args["shard_weights"])
         launch = {"at": launched_at, "environ": dict(os.environ)}
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         self.message_queue = context.Queue()
         self.request_queues = [context.Queue() for _ in devices]
         # Per-request stop: a cancelled id stays cancelled, and a later request is never stopped by

@@ -11,10 +11,14 @@ tokens to 512 text tokens (and 257 CLIP image tokens, i2v), once with a ragged t
     against exact fp32 attention on the first 512 queries.
 Then one real-size Wan 2.1 14B block (random weights, benchmarks/bench_model.py's build_ours) at 480p
 (and 720p with --block-resolutions 480p,720p): block time with sdpa and with sage_triton, and the
-relative error of the block's output. Prints a table and writes attention.json to $OUT (or
-benchmarks/out). About a minute on an H200.
+relative error of the block's output, and with attention_mode 'auto' (what it chose per shape);
+with --compile also under per-block torch.compile, with sdpa and with auto.
+With --step, the whole 14B model: a sampling step at cfg 5 (e.g. 720p) with sdpa, sage_triton and
+auto, and with ',sample' a 3-step 480p sample's error (bench_step). Prints a table and writes
+attention.json to $OUT (or benchmarks/out). About a minute on an H200; four with --step 720p,sample.
 
-    python benchmarks/bench_attention.py [--cases all|name,...] [--block-resolutions 480p] [--no-block]
+    python benchmarks/bench_attention.py [--cases all|none|name,...] [--block-resolutions 480p] [--no-block]
+                                         [--compile] [--step 720p[,sample]]
 """
 import argparse
 import json
@@ -49,8 +53,13 @@ def parse_args():
     parser.add_argument("--block-resolutions", default="480p", help="14B block resolutions: 480p, 720p (comma-separated)")
     parser.add_argument("--no-block", action="store_true", help="skip the 14B block")
     parser.add_argument("--iters", type=int, default=5, help="timed calls per measurement (median); 2 warm-up calls")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the 14B block under per-block torch.compile, with sdpa and with auto")
+    parser.add_argument("--step", default="",
+                        help="whole 14B model: 'RES' times one sampling step (cfg 5) at RES with sdpa, sage_triton "
+                             "and auto; add ',sample' for a 3-step 480p sample's error (e.g. 720p,sample)")
     args = parser.parse_args()
-    cases = list(CASES) if args.cases == "all" else [c for c in args.cases.split(",") if c]
+    cases = list(CASES) if args.cases == "all" else [c for c in args.cases.split(",") if c and c != "none"]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}")
@@ -168,10 +177,72 @@ def bench_case(name, iters, event_time_ms):
     return row
 
 
-def bench_block(resolution, iters):
-    """One Wan 2.1 14B block at `resolution`, sdpa against sage_triton."""
+def bench_step(resolution, with_sample):
+    """The whole 14B model (random weights, 40 blocks): one sampling step at cfg 5 (both branches,
+    as sample_video runs them) at `resolution` with sdpa, sage_triton and auto, seconds each (after a
+    warm-up step: cuDNN's plans, the kernel's tuning, auto's decisions). With `with_sample`, a 3-step
+    480p sample (unipc, cfg 5, shift 5) with each, and the relative error of the final latents
+    against sdpa's, beside two references for scale: SDPA's flash backend instead of cuDNN (bf16
+    rounding alone) and the fp8 weight path (block Linears through e4m3 with a per-tensor scale, as
+    quantization 'fp8_e4m3fn' stores them)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from bench_model import LATENT_FRAMES, RESOLUTIONS, build_ours
+    from wanvideo.quantization import quantizable_linear_names, quantize_weight
+    from wanvideo.sampling.loop import Conditioning, sample_video
+    torch.manual_seed(0)
+    model = build_ours("14B")
+    g = torch.Generator("cuda").manual_seed(1)
+    pos = Conditioning(context=[torch.randn(512, 4096, device="cuda", generator=g)])
+    neg = Conditioning(context=[torch.randn(512, 4096, device="cuda", generator=g)])
+
+    def sample(res, steps):
+        h, w = RESOLUTIONS[res]
+        noise = torch.randn(1, 16, LATENT_FRAMES, h, w, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = sample_video(model, noise, pos, neg, steps=steps, cfg=5.0, shift=5.0, progress=False)
+        torch.cuda.synchronize()
+        return out, time.perf_counter() - start
+
+    row = {"case": f"14B_step_{resolution}"}
+    for backend in ("sdpa", "sage_triton", "auto"):
+        model.set_attention_backend(backend)
+        sample(resolution, 1)
+        row[f"{backend}_step_s"] = sample(resolution, 1)[1]
+        row[f"{backend}_50_steps_s"] = 50 * row[f"{backend}_step_s"]
+    row["speedup_sage_triton"] = row["sdpa_step_s"] / row["sage_triton_step_s"]
+    row["speedup_auto"] = row["sdpa_step_s"] / row["auto_step_s"]
+    if with_sample:
+        latents = {}
+        for backend in ("sdpa", "sage_triton", "auto"):
+            model.set_attention_backend(backend)
+            latents[backend], row[f"sample_480p_{backend}_s"] = sample("480p", 3)
+        model.set_attention_backend("sdpa")
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            latents["sdpa_flash"], row["sample_480p_sdpa_flash_s"] = sample("480p", 3)
+        with torch.no_grad():  # last: the weights are changed in place
+            for name in quantizable_linear_names(model):
+                weight = model.get_submodule(name).weight
+                fp8, scale = quantize_weight(weight, torch.float8_e4m3fn)
+                weight.copy_(fp8.to(weight.dtype) * scale.to(weight.dtype))
+        latents["fp8_weights"], row["sample_480p_fp8_weights_s"] = sample("480p", 3)
+        for name, value in latents.items():
+            if name != "sdpa":
+                row[f"sample_480p_rel_err_{name}"] = rel_err(value, latents["sdpa"])
+    model.set_attention_backend("sdpa")
+    del model
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_block(resolution, iters, compiled=False):
+    """One Wan 2.1 14B block at `resolution`, sdpa against sage_triton and auto; with `compiled`, also
+    under per-block torch.compile (compile_blocks) with sdpa and with auto."""
     import torch
     from bench_model import LATENT_FRAMES, RESOLUTIONS, build_ours, event_time_ms
+    from wanvideo.modules import attention as attention_module
     frames, (h, w) = LATENT_FRAMES, RESOLUTIONS[resolution]
     torch.manual_seed(0)
     model = build_ours("14B", layers=1)
@@ -194,6 +265,27 @@ def bench_block(resolution, iters):
         row["rel_err_vs_sdpa"] = rel_err(out, ref)
         # the block's output is x + its updates: the error of the update alone says more
         row["update_rel_err_vs_sdpa"] = rel_err(out - tok, ref - tok)
+        # 'auto': the first call times both per attention shape (self and cross), later calls look it up
+        model.set_attention_backend("auto")
+        block(tok, ctx)
+        row["auto_ms"] = event_time_ms(lambda: block(tok, ctx), iters=iters, warmup=1)
+        row["auto_choices"] = {str(key[1:4]): choice for key, choice in attention_module.AUTO.decisions.items()}
+        if compiled:  # per-block torch.compile: the 8-bit kernel runs outside the graph (a break at each attention)
+            from wanvideo.engine import compile_blocks, uncompile_blocks
+            try:
+                for backend in ("sdpa", "auto"):
+                    uncompile_blocks(model)
+                    model.set_attention_backend(backend)
+                    compile_blocks(model)
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    block(tok, ctx)
+                    torch.cuda.synchronize()
+                    row[f"compiled_{backend}_first_call_s"] = time.perf_counter() - start
+                    row[f"compiled_{backend}_ms"] = event_time_ms(lambda: block(tok, ctx), iters=iters, warmup=2)
+            except Exception as error:  # keep the eager figures
+                row["compiled_error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
+            uncompile_blocks(model)
         model.set_attention_backend("sdpa")
     row["speedup"] = row["sdpa_ms"] / row["sage_ms"]
     del model, tok, ctx, ref, out
@@ -216,7 +308,7 @@ def main():
             "torch": torch.__version__, "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
             "pv": "fp8 e4m3" if sage_triton.fp8_supported(torch.device("cuda", 0)) else "fp16 (no fp8 tensor cores)"}
     print(json.dumps(info), flush=True)
-    results, blocks = [], []
+    results, blocks, steps = [], [], []
     for name in args.cases:
         try:
             row = bench_case(name, args.iters, event_time_ms)
@@ -228,12 +320,20 @@ def main():
     if not args.no_block:
         for resolution in [r for r in args.block_resolutions.split(",") if r]:
             try:
-                row = bench_block(resolution, args.iters)
+                row = bench_block(resolution, args.iters, args.compile)
             except Exception as error:
                 row = {"case": f"14B_block_{resolution}", "error": f"{type(error).__name__}: {' '.join(str(error).split())[:1000]}"}
                 torch.cuda.empty_cache()
             blocks.append(row)
             print(json.dumps(row), flush=True)
+    if args.step:
+        resolution, *extra = args.step.split(",")
+        try:
+            steps.append(bench_step(resolution, "sample" in extra))
+        except Exception as error:
+            steps.append({"case": f"14B_step_{resolution}", "error": f"{type(error).__name__}: {' '.join(str(error).split())[:1000]}"})
+            torch.cuda.empty_cache()
+        print(json.dumps(steps[-1]), flush=True)
     kernel = sage_triton._sage_attention_kernel
     info["tuned_configs"] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
     info["seconds"] = time.time() - start
@@ -241,7 +341,7 @@ def main():
     out_dir = os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "out"))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "attention.json"), "w") as f:
-        json.dump({"info": info, "attention": results, "blocks": blocks}, f, indent=1)
+        json.dump({"info": info, "attention": results, "blocks": blocks, "steps": steps}, f, indent=1)
 
     print(f"\n{info['device']} (sm {info['capability']})  torch {info['torch']}  triton {info['triton']}  "
           f"P/V {info['pv']}  {info['seconds']:.0f} s")
@@ -262,7 +362,13 @@ def main():
             print(f"{r['case']:<30} FAILED {r['error'][:200]}")
             continue
         print(f"{r['case']:<30} sdpa {r['sdpa_ms']:.1f} ms  sage {r['sage_ms']:.1f} ms  x{r['speedup']:.2f}  "
-              f"rel err {r['rel_err_vs_sdpa']:.4f} (update {r['update_rel_err_vs_sdpa']:.4f})")
+              f"rel err {r['rel_err_vs_sdpa']:.4f} (update {r['update_rel_err_vs_sdpa']:.4f})  "
+              f"auto {r['auto_ms']:.1f} ms {r['auto_choices']}")
+        if "compiled_sdpa_ms" in r:
+            print(f"{'':<30} compiled: sdpa {r['compiled_sdpa_ms']:.1f} ms  auto {r['compiled_auto_ms']:.1f} ms "
+                  f"(first calls {r['compiled_sdpa_first_call_s']:.0f} s, {r['compiled_auto_first_call_s']:.0f} s)")
+    for r in steps:
+        print(json.dumps(r))
     print("tuned:", info["tuned_configs"])
 
 

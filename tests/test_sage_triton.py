@@ -73,11 +73,12 @@ def rel(a, b):
 
 
 def reference(ops, lq, lk, key_mask=None, pv_fp8=True):
-    """The kernel's math in plain fp32 torch, tile by tile of BLOCK_N keys as the kernel runs it,
-    from the same quantized operands. -> out [B, Lq, H, D], lse [B, H, Lq] (without the smoothing shift)."""
-    expand = lambda scale: scale.repeat_interleave(st.QUANT_BLOCK, dim=-1)
+    """The kernel's math in plain fp32 torch, tile by tile of BLOCK_N keys as the kernel runs it, from
+    the same quantized operands. -> out [B, Lq, H, D], lse [B, H, Lq] (without the smoothing shift)."""
+    q_scale = ops["q_scale"].repeat_interleave(st.QUANT_BLOCK, dim=-1)
+    k_scale = ops["k_scale"].repeat_interleave(st.K_QUANT_BLOCK, dim=-1)
     q_int, k_int = ops["q"].float(), ops["k"].float()                                # [B, H, L_pad, D]
-    s = (q_int @ k_int.transpose(-1, -2)) * (expand(ops["q_scale"])[..., :, None] * expand(ops["k_scale"])[..., None, :])
+    s = (q_int @ k_int.transpose(-1, -2)) * (q_scale[..., :, None] * k_scale[..., None, :])
     s = s[:, :, :lq, :lk]                                                             # base-2 scores
     if key_mask is not None:
         s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
@@ -120,7 +121,7 @@ def test_quantized_operands_round_trip():
 
     assert torch.allclose(ops["k_mean"], k.mean(dim=1), atol=1e-5)
     smoothed = k - k.mean(dim=1, keepdim=True)
-    k_scale = ops["k_scale"].repeat_interleave(st.QUANT_BLOCK, dim=-1)[..., None]
+    k_scale = ops["k_scale"].repeat_interleave(st.K_QUANT_BLOCK, dim=-1)[..., None]
     k_back = (ops["k"].float() * k_scale)[:, :, :lk].transpose(1, 2)
     assert (k_back - smoothed).abs().max() <= 0.5001 * ops["k_scale"].max()
     # the smoothing is what makes the keys fine: their scale is far below that of the raw keys
@@ -152,9 +153,10 @@ def test_interpreter_fp8_rounding_is_that_of_the_gpu():
 # --- the kernel -----------------------------------------------------------------------------------
 
 @interpreted
-@pytest.mark.parametrize("lq,lk", [(64, 64), (17, 75)])
+@pytest.mark.parametrize("lq,lk", [(64, 64), (17, 75), (20, 300), (33, 128)])
 @pytest.mark.parametrize("pv_fp8", [True, False])
 def test_kernel_matches_reference_of_the_same_math(lq, lk, pv_fp8):
+    """300 keys are 5 tiles of 64 across 3 K scale blocks; 128 keys fill the padding (no partial tile)."""
     q, k, v = make_qkv(lq, lk)
     out, lse = st.sage_attention(q, k, v, return_lse=True, pv_fp8=pv_fp8)
     ops = st.quantize(q, k, v, pv_fp8=pv_fp8, with_shift=True)
@@ -245,6 +247,25 @@ def test_log_sum_exp_matches_exact_and_merges_across_key_chunks():
     assert (merged_lse - want_lse).abs().max() <= 3e-2
     # without the shift the lse would be off by q . mean(k) (> 0.5 here): the merge would be wrong
     assert st.quantize(q, k, v, with_shift=True)["shift"].abs().max() > 0.5
+
+
+@pytest.mark.skipif(INTERPRETING or not torch.cuda.is_available(), reason="the compiled kernel needs a CUDA GPU")
+@pytest.mark.parametrize("lq,lk", [(300, 300), (1000, 77), (130, 2100)])
+def test_compiled_kernel_on_the_gpu(lq, lk):
+    """The kernel as the GPU compiles and tunes it (its own tile sizes and register limit): close
+    to exact attention with a ragged mask, the log-sum-exp too; padding content changes nothing."""
+    q, k, v = (t.cuda() for t in make_qkv(lq, lk))
+    mask = torch.ones(2, lk, dtype=torch.bool, device="cuda")
+    mask[1, lk // 2:] = False
+    out, lse = st.sage_attention(q, k, v, key_mask=mask, return_lse=True)
+    want_out, want_lse = exact(q, k, v, mask)
+    assert rel(out, want_out) <= 5e-2
+    assert (lse - want_lse).abs().max() <= 3e-2
+    k2, v2 = k.clone(), v.clone()
+    k2[1, lk // 2:], v2[1, lk // 2:] = float("nan"), 1e4
+    out2, lse2 = st.sage_attention(q, k2, v2, key_mask=mask, return_lse=True)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+    assert rel(st.sage_attention(q, k, v), exact(q, k, v)[0]) <= 5e-2  # no mask: the unchecked whole tiles
 
 
 # --- the attention call and the settings ---------------------------------------------------------

@@ -5,8 +5,10 @@ The math, for one (batch, head):
      so the softmax (and the output) does not change, but k' is centred, which makes its INT8
      quantization finer (Wan's keys carry large per-channel offsets).
   2. Q (pre-multiplied by softmax_scale * log2(e), so scores come out in base 2) and k' are
-     quantized to INT8 per block of QUANT_BLOCK tokens: x ~ x_int8 * scale, scale = amax|x| / 127.
+     quantized to INT8 per block of QUANT_BLOCK (Q) and K_QUANT_BLOCK (K) tokens: x ~ x_int8 * scale,
+     scale = amax|x| / 127.
   3. Scores s = (q_int8 . k_int8) * q_scale * k_scale, from an INT8 tensor-core dot (INT32 exact).
+     A key tile lies in one K block, so within a tile a query row's scale is one number.
   4. Online softmax over key tiles: running max m and running sum l in FP32. The tile's
      probabilities p = 2^(s - m) are scaled to [0, 448] (e4m3's largest value, so they use the whole
      FP8 range) and cast to FP8 e4m3; V is cast to FP8 e4m3 once, per channel scaled to [-448, 448];
@@ -39,7 +41,8 @@ import triton.language as tl
 logger = logging.getLogger(__name__)
 
 HEAD_DIM = 128
-QUANT_BLOCK = 64      # tokens per INT8 scale of Q and K
+QUANT_BLOCK = 64      # tokens per INT8 scale of Q
+K_QUANT_BLOCK = 128   # tokens per INT8 scale of K: a key tile (at most 128 keys) has one scale
 PAD_TO = 128          # quantized copies are padded to this many tokens (the largest tile)
 FP8_MAX = 448.0       # largest finite float8_e4m3fn
 LOG2_FP8_MAX = math.log2(FP8_MAX)
@@ -156,46 +159,63 @@ def _quantize_v_kernel(X, SCALE, BIAS, OUT, L, H, stride_xb, stride_xl, stride_x
 
 # --- the attention kernel ------------------------------------------------------------------------
 
+# The INT32 score of a masked key: below any real one (|q . k| <= 127^2 * 128 < 2^21). A tl.constexpr,
+# the only kind of global a kernel may read.
+INT_SCORE_SENTINEL = tl.constexpr(-(1 << 30))
+
+
 @triton.jit
 def _attend_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, bias_base, start_n, Lk, L_PAD,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_BLOCK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, K_QUANT_BLOCK: tl.constexpr,
                  BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr, PV_FP8: tl.constexpr,
                  P_LOG2_SCALE: tl.constexpr, SOFT_ROUND: tl.constexpr):
     """Fold the key tile [start_n, start_n + BLOCK_N) into the running (acc [M, D], l [M], m [M])."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])                 # int8 [N, D]
-    k_scale = tl.load(ks_base + offs_n // QUANT_BLOCK)                                  # [N]
-    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * (q_scale[:, None] * k_scale[None, :])
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)                                     # [M, N], exact
     if HAS_MASK:  # bias: 0 for real keys, -inf for masked and padding keys
-        s = s + tl.load(bias_base + offs_n)[None, :]
-    elif BOUNDARY:
-        s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        valid = tl.load(bias_base + offs_n) == 0.0
+    else:
+        valid = offs_n < Lk
+    if HAS_MASK or BOUNDARY:
+        s = tl.where(valid[None, :], s, INT_SCORE_SENTINEL)
+    # The tile lies in one K scale block, so a row's scale is one number: the row's largest score is
+    # its largest INT32 product, scaled (BLOCK_M multiplies, not M x N).
+    sc = q_scale * tl.load(ks_base + start_n // K_QUANT_BLOCK)                          # [M]
+    row_max = tl.max(s, axis=1)
+    m_new = tl.maximum(m_i, tl.where(row_max == INT_SCORE_SENTINEL, float("-inf"), row_max.to(tl.float32) * sc))
     # Rows whose keys so far are all masked keep m = -inf; subtract 0 there instead (no inf - inf).
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new) - P_LOG2_SCALE
+    x = s.to(tl.float32) * sc[:, None] - m_sub[:, None]
+    if HAS_MASK or BOUNDARY:
+        x = tl.where(valid[None, :], x, float("-inf"))
+    p = tl.exp2(x)                                                                      # [M, N] in [0, 448]
     alpha = tl.exp2(m_i - m_sub - P_LOG2_SCALE)
-    p = tl.exp2(s - m_sub[:, None])                                                     # [M, N] in [0, 448]
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     v = tl.load(v_base + offs_d[None, :] * L_PAD + offs_n[:, None])                     # [N, D]
     if PV_FP8:
         if SOFT_ROUND:
             p = _round_to_e4m3_mantissa(p)
-        acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+        p = p.to(tl.float8e4nv)
     else:
-        acc = tl.dot(p.to(tl.float16), v, acc)
-    return acc, l_i, m_new
+        p = p.to(tl.float16)
+    return tl.dot(p, v, acc), l_i, m_new
 
 
 def _attention_configs():
     if INTERPRETED:  # the interpreter is slow; one small tile size (tests use it to hit tails)
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Compiled offline for sm_90 (ptxas, triton 3.6) every
-    # config takes 255 registers; with 8 warps and BLOCK_N <= 64 nothing spills, BLOCK_N 128 spills
-    # ~570 bytes and 4 warps spill more (BLOCK_M 64 or 128), so those are left out but one.
-    shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 128, 8, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg), measured on an H200 (benchmarks/RESULTS.md).
+    # Triton waits for each tensor-core product before the softmax that reads it, so a CTA's softmax
+    # and its products never overlap. Left alone, ptxas gives the 128 x 64 tile 151 registers a
+    # thread (sm_90, offline), and one CTA of 8 warps fills the SM's register file; held to 128 (no
+    # spill), two CTAs share an SM and one's softmax runs while the other's tensor cores work: 20%
+    # faster at Wan's self-attention shapes.
+    shapes = [(128, 64, 8, 3, 128), (128, 64, 8, 2, 128), (64, 64, 4, 2, 128), (128, 32, 4, 2, None),
+              (128, 128, 8, 3, None)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=r) for m, n, w, s, r in shapes]
 
 
 # Tuned once per kind of call (self-attention over long key sequences or cross-attention to a few
@@ -207,7 +227,7 @@ def _attention_configs():
 def _sage_attention_kernel(Q, QS, K, KS, V, VS, BIAS, SHIFT, O, LSE,
                            H, Lq, Lk, LONG_KEYS, LQ_PAD, L_PAD, N_QS, N_KS,
                            stride_ob, stride_ol, stride_oh,
-                           HEAD_DIM: tl.constexpr, QUANT_BLOCK: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, QUANT_BLOCK: tl.constexpr, K_QUANT_BLOCK: tl.constexpr,
                            HAS_MASK: tl.constexpr, PV_FP8: tl.constexpr, RETURN_LSE: tl.constexpr,
                            P_LOG2_SCALE: tl.constexpr, SOFT_ROUND: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -237,11 +257,11 @@ def _sage_attention_kernel(Q, QS, K, KS, V, VS, BIAS, SHIFT, O, LSE,
         n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, bias_base, start_n, Lk,
-                                     L_PAD, HEAD_DIM, BLOCK_N, QUANT_BLOCK, False, HAS_MASK, PV_FP8,
+                                     L_PAD, HEAD_DIM, BLOCK_N, K_QUANT_BLOCK, False, HAS_MASK, PV_FP8,
                                      P_LOG2_SCALE, SOFT_ROUND)
     if n_full < Lk:
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, bias_base, n_full, Lk,
-                                     L_PAD, HEAD_DIM, BLOCK_N, QUANT_BLOCK, True, HAS_MASK, PV_FP8,
+                                     L_PAD, HEAD_DIM, BLOCK_N, K_QUANT_BLOCK, True, HAS_MASK, PV_FP8,
                                      P_LOG2_SCALE, SOFT_ROUND)
 
     v_scale = tl.load(VS + bh * HEAD_DIM + offs_d)
@@ -274,7 +294,7 @@ def quantize(q, k, v, pv_fp8=True, with_shift=False, key_mask=None):
 
     q [B, Lq, H, D], k and v [B, Lk, H, D], key_mask None or bool [B, Lk] (True = real key) ->
       dict(q [B, H, Lq_pad, D] int8, q_scale [B, H, Lq_pad / QUANT_BLOCK] fp32,
-           k [B, H, Lk_pad, D] int8 (smoothed), k_scale [B, H, Lk_pad / QUANT_BLOCK] fp32,
+           k [B, H, Lk_pad, D] int8 (smoothed), k_scale [B, H, Lk_pad / K_QUANT_BLOCK] fp32,
            k_mean [B, H, D] fp32, v [B, H, D, Lk_pad] fp8 e4m3 (fp16 without pv_fp8),
            v_scale [B, H, D] fp32, shift [B, H, Lq] fp32 (with_shift) or None,
            bias [B, Lk_pad] fp32 (0 real key, -inf masked or padding; with key_mask) or None).
@@ -307,7 +327,7 @@ def quantize(q, k, v, pv_fp8=True, with_shift=False, key_mask=None):
     out["q"] = torch.empty(batch, heads, lq_pad, dim, dtype=torch.int8, device=dev)
     out["q_scale"] = torch.empty(batch, heads, lq_pad // QUANT_BLOCK, dtype=torch.float32, device=dev)
     out["k"] = torch.empty(batch, heads, lk_pad, dim, dtype=torch.int8, device=dev)
-    out["k_scale"] = torch.empty(batch, heads, lk_pad // QUANT_BLOCK, dtype=torch.float32, device=dev)
+    out["k_scale"] = torch.empty(batch, heads, lk_pad // K_QUANT_BLOCK, dtype=torch.float32, device=dev)
     out["v"] = torch.empty(batch, heads, dim, lk_pad, device=dev,
                            dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16)
     shift = torch.empty(batch, heads, lq, dtype=torch.float32, device=dev) if with_shift else out["q_scale"]
@@ -319,10 +339,10 @@ def quantize(q, k, v, pv_fp8=True, with_shift=False, key_mask=None):
         lq_pad, lq_pad // QUANT_BLOCK, softmax_scale * LOG2E, softmax_scale,
         HEAD_DIM=dim, QUANT_BLOCK=QUANT_BLOCK, HAS_MASK=False, SUBTRACT_MEAN=False, COMPUTE_SHIFT=with_shift,
         num_warps=8)  # 8 warps: 167 registers a thread for the 64 x 128 block where 4 warps need 255
-    _quantize_qk_kernel[(lk_pad // QUANT_BLOCK, batch * heads)](
+    _quantize_qk_kernel[(lk_pad // K_QUANT_BLOCK, batch * heads)](
         k, k_mean, bias_arg, out["k"], out["k_scale"], shift, lk, heads, k.stride(0), k.stride(1), k.stride(2),
-        lk_pad, lk_pad // QUANT_BLOCK, 1.0, 1.0,
-        HEAD_DIM=dim, QUANT_BLOCK=QUANT_BLOCK, HAS_MASK=has_mask, SUBTRACT_MEAN=True, COMPUTE_SHIFT=False,
+        lk_pad, lk_pad // K_QUANT_BLOCK, 1.0, 1.0,
+        HEAD_DIM=dim, QUANT_BLOCK=K_QUANT_BLOCK, HAS_MASK=has_mask, SUBTRACT_MEAN=True, COMPUTE_SHIFT=False,
         num_warps=8)
     _quantize_v_kernel[(lk_pad // QUANT_BLOCK, batch * heads)](
         v, v_scale, bias_arg, out["v"], lk, heads, v.stride(0), v.stride(1), v.stride(2), lk_pad,
@@ -377,6 +397,6 @@ def _sage_attention(q, k, v, key_mask, return_lse, pv_fp8):
         ops["q"], ops["q_scale"], ops["k"], ops["k_scale"], ops["v"], ops["v_scale"], bias, shift, out, lse,
         heads, lq, lk, int(lk > 2048), ops["q"].shape[2], lk_pad, ops["q_scale"].shape[2], ops["k_scale"].shape[2],
         out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=dim, QUANT_BLOCK=QUANT_BLOCK, HAS_MASK=has_mask, PV_FP8=pv_fp8, RETURN_LSE=return_lse,
-        P_LOG2_SCALE=LOG2_FP8_MAX if pv_fp8 else 0.0, SOFT_ROUND=INTERPRETED and pv_fp8)
+        HEAD_DIM=dim, QUANT_BLOCK=QUANT_BLOCK, K_QUANT_BLOCK=K_QUANT_BLOCK, HAS_MASK=has_mask, PV_FP8=pv_fp8,
+        RETURN_LSE=return_lse, P_LOG2_SCALE=LOG2_FP8_MAX if pv_fp8 else 0.0, SOFT_ROUND=INTERPRETED and pv_fp8)
     return (out, lse) if return_lse else out

@@ -44,6 +44,7 @@ HEAD_DIM = 128
 QUANT_BLOCK = 64      # tokens per INT8 scale of Q
 K_QUANT_BLOCK = 128   # tokens per INT8 scale of K: a key tile (at most 128 keys) has one scale
 PAD_TO = 128          # quantized copies are padded to this many tokens (the largest tile)
+assert PAD_TO % QUANT_BLOCK == 0 and PAD_TO % K_QUANT_BLOCK == 0  # no scale block runs past the padding
 FP8_MAX = 448.0       # largest finite float8_e4m3fn
 LOG2_FP8_MAX = math.log2(FP8_MAX)
 LOG2E = 1.4426950408889634
@@ -170,6 +171,7 @@ def _attend_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, bias_base, 
                  BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr, PV_FP8: tl.constexpr,
                  P_LOG2_SCALE: tl.constexpr, SOFT_ROUND: tl.constexpr):
     """Fold the key tile [start_n, start_n + BLOCK_N) into the running (acc [M, D], l [M], m [M])."""
+    tl.static_assert(K_QUANT_BLOCK % BLOCK_N == 0, "a key tile must lie in one K scale block")
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])                 # int8 [N, D]
@@ -210,11 +212,10 @@ def _attention_configs():
     # (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg), measured on an H200 (benchmarks/RESULTS.md).
     # Triton waits for each tensor-core product before the softmax that reads it, so a CTA's softmax
     # and its products never overlap. Left alone, ptxas gives the 128 x 64 tile 151 registers a
-    # thread (sm_90, offline), and one CTA of 8 warps fills the SM's register file; held to 128 (no
-    # spill), two CTAs share an SM and one's softmax runs while the other's tensor cores work: 20%
-    # faster at Wan's self-attention shapes.
-    shapes = [(128, 64, 8, 3, 128), (128, 64, 8, 2, 128), (64, 64, 4, 2, 128), (128, 32, 4, 2, None),
-              (128, 128, 8, 3, None)]
+    # thread (sm_90, offline): two CTAs of 8 warps (77k registers) do not fit an SM's 64k. Held to
+    # 128 (no spill), two CTAs share an SM and one's softmax runs while the other's tensor cores
+    # work: 20% faster at Wan's self-attention shapes.
+    shapes = [(128, 64, 8, 3, 128), (128, 64, 8, 2, 128), (64, 64, 4, 2, 128), (128, 128, 8, 3, None)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=r) for m, n, w, s, r in shapes]
 
 

@@ -14,11 +14,11 @@ Then one real-size Wan 2.1 14B block (random weights, benchmarks/bench_model.py'
 relative error of the block's output, and with attention_mode 'auto' (what it chose per shape);
 with --compile also under per-block torch.compile, with sdpa and with auto.
 With --step, the whole 14B model: a sampling step at cfg 5 (e.g. 720p) with sdpa, sage_triton and
-auto, and with ',sample' a 3-step 480p sample's error (bench_step). Prints a table and writes
+auto, with ',sample' a 3-step 480p sample's error, with ',fp8' auto with fp8 weights (bench_step). Prints a table and writes
 attention.json to $OUT (or benchmarks/out). About a minute on an H200; four with --step 720p,sample.
 
     python benchmarks/bench_attention.py [--cases all|none|name,...] [--block-resolutions 480p] [--no-block]
-                                         [--compile] [--step 720p[,sample]]
+                                         [--compile] [--step 720p[,sample][,fp8]]
 """
 import argparse
 import json
@@ -57,7 +57,8 @@ def parse_args():
                         help="also time the 14B block under per-block torch.compile, with sdpa and with auto")
     parser.add_argument("--step", default="",
                         help="whole 14B model: 'RES' times one sampling step (cfg 5) at RES with sdpa, sage_triton "
-                             "and auto; add ',sample' for a 3-step 480p sample's error (e.g. 720p,sample)")
+                             "and auto; add ',sample' for a 3-step 480p sample's error (e.g. 720p,sample), ',fp8' "
+                             "for sdpa and auto, then auto with fp8 weights and matmuls (fp8_e4m3fn_fast)")
     args = parser.parse_args()
     cases = list(CASES) if args.cases == "all" else [c for c in args.cases.split(",") if c and c != "none"]
     unknown = [c for c in cases if c not in CASES]
@@ -177,14 +178,35 @@ def bench_case(name, iters, event_time_ms):
     return row
 
 
-def bench_step(resolution, with_sample):
+def to_fp8_fast(model):
+    """The model's block Linears as FP8Linear (e4m3, per-tensor scale, quantized from the current
+    weights) with the fp8 matmul on (quantization 'fp8_e4m3fn_fast'). -> whether it is active."""
+    import torch
+    import torch.nn as nn
+    from wanvideo.engine import set_fp8_fast
+    from wanvideo.quantization import FP8Linear, quantizable_linear_names, quantize_weight
+    for name in quantizable_linear_names(model):
+        parent_name, _, child = name.rpartition(".")
+        parent, old = model.get_submodule(parent_name), model.get_submodule(name)
+        new = FP8Linear(old.in_features, old.out_features, old.bias is not None, device=old.weight.device)
+        weight, scale = quantize_weight(old.weight.data, torch.float8_e4m3fn)
+        new.weight = nn.Parameter(weight, requires_grad=False)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
+        new.scale_weight.copy_(scale)
+        setattr(parent, child, new)
+    return set_fp8_fast(model, True)
+
+
+def bench_step(resolution, with_sample, with_fp8=False):
     """The whole 14B model (random weights, 40 blocks): one sampling step at cfg 5 (both branches,
     as sample_video runs them) at `resolution` with sdpa, sage_triton and auto, seconds each (after a
     warm-up step: cuDNN's plans, the kernel's tuning, auto's decisions). With `with_sample`, a 3-step
     480p sample (unipc, cfg 5, shift 5) with each, and the relative error of the final latents
     against sdpa's, beside two references for scale: SDPA's flash backend instead of cuDNN (bf16
     rounding alone) and the fp8 weight path (block Linears through e4m3 with a per-tensor scale, as
-    quantization 'fp8_e4m3fn' stores them)."""
+    quantization 'fp8_e4m3fn' stores them). With `with_fp8` (instead of sage_triton's step): auto's step
+    again with the block Linears in fp8 and the fp8 matmul (quantization 'fp8_e4m3fn_fast'), last."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from bench_model import LATENT_FRAMES, RESOLUTIONS, build_ours
@@ -208,13 +230,12 @@ def bench_step(resolution, with_sample):
 
     row = {"case": f"14B_step_{resolution}"}
     try:
-        for backend in ("sdpa", "sage_triton", "auto"):
+        for backend in ("sdpa", "auto") if with_fp8 else ("sdpa", "sage_triton", "auto"):
             model.set_attention_backend(backend)
             sample(resolution, 1)
             row[f"{backend}_step_s"] = sample(resolution, 1)[1]   # one timed step: about 2% apart between calls
             row[f"{backend}_50_steps_s"] = 50 * row[f"{backend}_step_s"]
-        row["speedup_sage_triton"] = row["sdpa_step_s"] / row["sage_triton_step_s"]
-        row["speedup_auto"] = row["sdpa_step_s"] / row["auto_step_s"]
+            row[f"speedup_{backend}"] = row["sdpa_step_s"] / row[f"{backend}_step_s"]
     except Exception as error:  # keep the sample's part
         row["step_error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
     if with_sample:  # errors only: the samples' times include each 480p shape's first use
@@ -234,6 +255,16 @@ def bench_step(resolution, with_sample):
         for name, value in latents.items():
             if name != "sdpa":
                 row[f"sample_480p_rel_err_{name}"] = rel_err(value, latents["sdpa"])
+    if with_fp8:
+        try:
+            row["fp8_fast_active"] = to_fp8_fast(model)
+            model.set_attention_backend("auto")
+            sample(resolution, 1)
+            row["auto_fp8_step_s"] = sample(resolution, 1)[1]
+            row["auto_fp8_50_steps_s"] = 50 * row["auto_fp8_step_s"]
+            row["speedup_auto_fp8"] = row["sdpa_step_s"] / row["auto_fp8_step_s"]
+        except Exception as error:
+            row["fp8_error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
     model.set_attention_backend("sdpa")
     del model
     torch.cuda.empty_cache()
@@ -333,7 +364,7 @@ def main():
     if args.step:
         resolution, *extra = args.step.split(",")
         try:
-            steps.append(bench_step(resolution, "sample" in extra))
+            steps.append(bench_step(resolution, "sample" in extra, "fp8" in extra))
         except Exception as error:
             steps.append({"case": f"14B_step_{resolution}", "error": f"{type(error).__name__}: {' '.join(str(error).split())[:1000]}"})
             torch.cuda.empty_cache()

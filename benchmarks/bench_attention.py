@@ -179,22 +179,11 @@ def bench_case(name, iters, event_time_ms):
 
 
 def to_fp8_fast(model):
-    """The model's block Linears as FP8Linear (e4m3, per-tensor scale, quantized from the current
-    weights) with the fp8 matmul on (quantization 'fp8_e4m3fn_fast'). -> whether it is active."""
-    import torch
-    import torch.nn as nn
+    """The model's block Linears as FP8Linear (bench_model.fp8_linears_) with the fp8 matmul on
+    (quantization 'fp8_e4m3fn_fast'). -> whether it is active."""
+    from bench_model import fp8_linears_
     from wanvideo.engine import set_fp8_fast
-    from wanvideo.quantization import FP8Linear, quantizable_linear_names, quantize_weight
-    for name in quantizable_linear_names(model):
-        parent_name, _, child = name.rpartition(".")
-        parent, old = model.get_submodule(parent_name), model.get_submodule(name)
-        new = FP8Linear(old.in_features, old.out_features, old.bias is not None, device=old.weight.device)
-        weight, scale = quantize_weight(old.weight.data, torch.float8_e4m3fn)
-        new.weight = nn.Parameter(weight, requires_grad=False)
-        if old.bias is not None:
-            new.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
-        new.scale_weight.copy_(scale)
-        setattr(parent, child, new)
+    fp8_linears_(model.blocks)
     return set_fp8_fast(model, True)
 
 

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import LATENT_FRAMES, RESOLUTIONS, build_ours, event_time_ms  # noqa: E402
+from bench_model import LATENT_FRAMES, RESOLUTIONS, build_ours, event_time_ms, fp8_linears_  # noqa: E402
 
 RESULTS = {}
 
@@ -85,18 +85,7 @@ def _fp8_block(block, mode):
     import copy
     import torch.nn as nn
     from wanvideo.engine import set_fp8_fast
-    from wanvideo.quantization import FP8Linear, quantize_weight
-    block = copy.deepcopy(block)
-    for name, module in list(block.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, FP8Linear):
-            parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            new = FP8Linear(module.in_features, module.out_features, module.bias is not None, device="cuda")
-            weight, scale = quantize_weight(module.weight.data, torch.float8_e4m3fn)
-            new.weight = nn.Parameter(weight, requires_grad=False)
-            new.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
-            new.scale_weight.copy_(scale)
-            setattr(parent, child, new)
+    block = fp8_linears_(copy.deepcopy(block))
     holder = nn.Module()
     holder.blocks = nn.ModuleList([block])
     active = set_fp8_fast(holder, mode == "fast")

@@ -70,6 +70,25 @@ def build_ours(size, device="cuda", dtype=torch.bfloat16, layers=None):
     return random_init_(model).eval().requires_grad_(False)
 
 
+def fp8_linears_(root):
+    """Every nn.Linear under `root` as an FP8Linear (e4m3, per-tensor scale, quantized from its current
+    weight), in place, as quantization 'fp8_e4m3fn' stores them. -> root."""
+    import torch.nn as nn
+    from wanvideo.quantization import FP8Linear, quantize_weight
+    for name, module in list(root.named_modules()):
+        if isinstance(module, nn.Linear) and not isinstance(module, FP8Linear):
+            parent_name, _, child = name.rpartition(".")
+            new = FP8Linear(module.in_features, module.out_features, module.bias is not None,
+                            device=module.weight.device)
+            weight, scale = quantize_weight(module.weight.data, torch.float8_e4m3fn)
+            new.weight = nn.Parameter(weight, requires_grad=False)
+            if module.bias is not None:
+                new.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+            new.scale_weight.copy_(scale)
+            setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+    return root
+
+
 def build_diffusers(size, device="cuda", dtype=torch.bfloat16):
     from diffusers import WanTransformer3DModel
     s = SIZES[size]

@@ -68,6 +68,14 @@ def counted_collectives():
             setattr(dist, name, original)
 
 
+def write_tiny_ffn_lora(path, seed=5):
+    """A rank-4 LoRA file (ComfyUI key names) on block 0's first FFN Linear of a dim-64, ffn-128 tiny model."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    save_file({"diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(4, 64, generator=g),
+               "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(128, 4, generator=g)}, str(path))
+
+
 def relative_error(actual, expected):
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm()).item()

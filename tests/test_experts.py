@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from conftest import relative_error
+from conftest import relative_error, write_tiny_ffn_lora
 from wanvideo import load_wan_model
 from wanvideo.parallel.experts import load_expert_pair
 from wanvideo.pipeline import LoadSettings
@@ -345,10 +344,7 @@ def pair_folder(tmp_path, monkeypatch):
     make_tiny_expert_pair(folder, "t2v", seeds=(1, 2), text_len=16, text_dim=4096)
     loras = tmp_path / "loras"
     loras.mkdir()
-    g = torch.Generator().manual_seed(5)
-    save_file({"diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(4, 64, generator=g),
-               "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(128, 4, generator=g)},
-              str(loras / "lightning.safetensors"))
+    write_tiny_ffn_lora(loras / "lightning.safetensors")
     monkeypatch.setenv("WANVIDEO_DIFFUSION_MODELS_DIR", str(folder))
     monkeypatch.setenv("WANVIDEO_LORAS_DIR", str(loras))
     return folder

@@ -5,9 +5,8 @@ import types
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import relative_error
+from conftest import relative_error, write_tiny_ffn_lora
 from known_node_ids import COMFY_API_WAN_NODE_IDS, COMFY_CORE_NODE_IDS, WANVIDEOWRAPPER_NODE_IDS
 from wanvideo.latent_format import LATENTS_MEAN, LATENTS_STD, normalize_latents
 from wanvideo.tiny import make_tiny_checkpoint
@@ -167,10 +166,7 @@ def test_block_swap_node_gives_the_same_video(models_folder):
 def test_lora_select_chains_and_merges(models_folder, tmp_path):
     folder = tmp_path / "loras"
     folder.mkdir()
-    generator = torch.Generator().manual_seed(5)
-    save_file({"diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(4, 64, generator=generator),
-               "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(128, 4, generator=generator)},
-              str(folder / "style.safetensors"))
+    write_tiny_ffn_lora(folder / "style.safetensors")
     select = PACKAGE.NODE_CLASS_MAPPINGS["WanMultiGPULoraSelect"]()
     assert select.INPUT_TYPES()["required"]["lora"][0] == ["style.safetensors"]
     (chain,) = select.select("style.safetensors", 0.5)

@@ -6,7 +6,9 @@ tokens to 512 text tokens (and 257 CLIP image tokens, i2v), once with a ragged t
   - times (CUDA events, median, same process): the package's SDPA call (the model's path), SDPA
     restricted to cuDNN and to flash (where they run), sage_triton, and sage_triton's quantization
     alone; its first call (compile + autotune) separately, with every tuned config's time; for
-    self-attention also sage_triton with fp16 P/V (INT8 Q/K only), to see what FP8 P/V buys;
+    self-attention also sage_triton with fp16 P/V (INT8 Q/K only; always the Triton kernel, so compare
+    it with the next column to see what FP8 P/V buys), and where sage_triton ran its warp-specialized
+    Hopper kernel (sage_hopper) the Triton kernel on the same call;
   - accuracy: relative L2 error of sage_triton against bf16 SDPA over the whole output, and of both
     against exact fp32 attention on the first 512 queries.
 Then one real-size Wan 2.1 14B block (random weights, benchmarks/bench_model.py's build_ours) at 480p
@@ -149,6 +151,15 @@ def bench_case(name, iters, event_time_ms):
         row["sage_ms"] = event_time_ms(lambda: attention(q, k, v, key_mask=mask, backend="sage_triton"), iters=iters)
         row["sage_quantize_ms"] = event_time_ms(lambda: sage_triton.quantize(q, k, v, key_mask=mask), iters=iters)
         row["sage_rel_err_vs_sdpa"] = rel_err(out, ref)
+        row["sage_kernel"] = "hopper" if sage_triton.hopper_kernel_for(
+            q, lk, mask, sage_triton.fp8_supported(q.device)) else "triton"
+        if row["sage_kernel"] == "hopper":  # the Triton kernel on the same call, for comparison
+            triton_out = sage_triton.sage_attention(q, k, v, key_mask=mask, kernel="triton")
+            row["sage_triton_kernel_ms"] = event_time_ms(
+                lambda: sage_triton.sage_attention(q, k, v, key_mask=mask, kernel="triton"), iters=iters)
+            row["sage_triton_kernel_rel_err_vs_sdpa"] = rel_err(triton_out, ref)
+            row["hopper_vs_triton_kernel_rel_diff"] = rel_err(out, triton_out)
+            del triton_out
         if name.startswith("self_") and row["sage_ms"] > 0:
             # the other P/V precision (fp16: INT8 Q/K only), to see what FP8 P/V buys on this GPU
             fp16_pv = sage_triton.sage_attention(q, k, v, key_mask=mask, pv_fp8=False)
@@ -370,17 +381,19 @@ def main():
     print(f"\n{info['device']} (sm {info['capability']})  torch {info['torch']}  triton {info['triton']}  "
           f"P/V {info['pv']}  {info['seconds']:.0f} s")
     fmt = lambda value, spec: "-" if value is None else format(value, spec)
-    print(f"{'case':<30} {'sdpa ms':>8} {'cudnn':>8} {'flash':>8} {'sage ms':>8} {'quant':>6} {'x sdpa':>7} "
-          f"{'x best':>7} {'TF/s':>5} {'err/sdpa':>9} {'sdpa/ex':>8} {'sage/ex':>8} {'fp16PV ms':>9}")
+    print(f"{'case':<30} {'sdpa ms':>8} {'cudnn':>8} {'flash':>8} {'sage ms':>8} {'kernel':>7} {'quant':>6} "
+          f"{'x sdpa':>7} {'x best':>7} {'TF/s':>5} {'err/sdpa':>9} {'sdpa/ex':>8} {'sage/ex':>8} {'fp16PV ms':>9} "
+          f"{'triton ms':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['case']:<30} FAILED {r['error'][:200]}")
             continue
         print(f"{r['case']:<30} {r['sdpa_ms']:>8.2f} {fmt(r.get('sdpa_cudnn_ms'), '8.2f'):>8} "
-              f"{fmt(r.get('sdpa_flash_ms'), '8.2f'):>8} {r['sage_ms']:>8.2f} {r['sage_quantize_ms']:>6.2f} "
-              f"{r['speedup_vs_sdpa']:>7.2f} {r['speedup_vs_best_sdpa']:>7.2f} {r['sage_tflops']:>5.0f} "
-              f"{r['sage_rel_err_vs_sdpa']:>9.4f} {r['sdpa_rel_err_vs_exact']:>8.4f} {r['sage_rel_err_vs_exact']:>8.4f} "
-              f"{fmt(r.get('sage_fp16pv_ms'), '9.2f'):>9}")
+              f"{fmt(r.get('sdpa_flash_ms'), '8.2f'):>8} {r['sage_ms']:>8.2f} {r['sage_kernel']:>7} "
+              f"{r['sage_quantize_ms']:>6.2f} {r['speedup_vs_sdpa']:>7.2f} {r['speedup_vs_best_sdpa']:>7.2f} "
+              f"{r['sage_tflops']:>5.0f} {r['sage_rel_err_vs_sdpa']:>9.4f} {r['sdpa_rel_err_vs_exact']:>8.4f} "
+              f"{r['sage_rel_err_vs_exact']:>8.4f} {fmt(r.get('sage_fp16pv_ms'), '9.2f'):>9} "
+              f"{fmt(r.get('sage_triton_kernel_ms'), '9.2f'):>9}")
     for r in blocks:
         if "error" in r:
             print(f"{r['case']:<30} FAILED {r['error'][:200]}")

@@ -140,6 +140,24 @@ def test_quantized_operands_round_trip(lk):
 
 
 @interpreted
+def test_v_stored_in_the_hopper_key_order():
+    """quantize(permute_keys=True) (for the Hopper kernel) stores V's keys at hopper_key_order's
+    positions, with a mask and a partial last block too; everything else is unchanged."""
+    q, k, v = make_qkv(17, 300)
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1, 170:] = False
+    for key_mask in (None, mask):
+        plain = st.quantize(q, k, v, key_mask=key_mask)
+        permuted = st.quantize(q, k, v, key_mask=key_mask, permute_keys=True)
+        want = torch.empty_like(plain["v"].float())
+        want[..., st.hopper_key_order(want.shape[-1])] = plain["v"].float()
+        assert torch.equal(permuted["v"].float(), want)
+        assert not torch.equal(permuted["v"].float(), plain["v"].float())
+        for name in ("q", "q_scale", "k", "k_scale", "v_scale"):
+            assert torch.equal(permuted[name], plain[name]), name
+
+
+@interpreted
 def test_interpreter_fp8_rounding_is_that_of_the_gpu():
     """The interpreter's own fp32 -> e4m3 cast drops carries (why the module rounds first); with the
     rounding, V's fp8 copy equals torch's correctly rounded cast, carries included."""
@@ -631,3 +649,46 @@ def test_a_model_loaded_with_auto_runs_as_with_sdpa_on_cpu(tmp_path, monkeypatch
         outs = {mode: model([x], torch.tensor([500.0]), [context])[0] for mode, model in models.items()}
     assert torch.equal(outs["auto"], outs["sdpa"])
     assert len(attention_module.AUTO.decisions) >= 2   # self- and cross-attention shapes, decided (as sdpa)
+
+
+@interpreted
+def test_hopper_kernel_refused_where_it_cannot_run():
+    """kernel='hopper' off a compute capability 9.0 GPU (here the interpreter) is refused with the
+    reason; an unknown kernel name too; 'triton' and 'auto' run this module's kernel."""
+    q, k, v = make_qkv(17, 75)
+    with pytest.raises(ValueError, match=r"compute capability 9\.0 GPU \(got None\)"):
+        st.sage_attention(q, k, v, kernel="hopper")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        st.sage_attention(q, k, v, kernel="gluon")
+    assert rel(st.sage_attention(q, k, v, kernel="triton"), exact(q, k, v)[0]) <= 5e-2
+
+
+@interpreted
+def test_a_failing_hopper_kernel_hands_over_to_the_triton_kernel(monkeypatch, caplog):
+    """Where the Hopper kernel is chosen but fails (a Triton whose Gluon compiles it otherwise), the
+    call still returns the Triton kernel's result, a warning says why, and later calls do not try
+    it again; asked for explicitly, its error propagates."""
+    calls = []
+
+    class BrokenHopper:
+        @staticmethod
+        def attend(*args):
+            calls.append(args)
+            raise RuntimeError("gluon says no")
+
+    monkeypatch.setattr(st, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(st, "_hopper_module", lambda: None if st._hopper_failed else BrokenHopper)
+    monkeypatch.setattr(st, "_hopper_failed", [])
+    monkeypatch.setattr(st, "LONG_KEYS_ABOVE", 64)
+    q, k, v = make_qkv(17, 75)
+    with pytest.raises(RuntimeError, match="gluon says no"):
+        st.sage_attention(q, k, v, kernel="hopper")
+    assert len(calls) == 1 and not st._hopper_failed
+    with caplog.at_level("WARNING", logger=st.logger.name):
+        out, lse = st.sage_attention(q, k, v, return_lse=True)
+    assert len(calls) == 2 and "gluon says no" in caplog.text and "Triton kernel runs instead" in caplog.text
+    want, want_lse = st.sage_attention(q, k, v, return_lse=True, kernel="triton")
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert len(calls) == 2  # not tried again
+    with pytest.raises(ValueError, match="failed here before: RuntimeError: gluon says no"):
+        st.sage_attention(q, k, v, kernel="hopper")

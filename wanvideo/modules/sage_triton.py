@@ -20,6 +20,10 @@ Masked keys (key_mask False: padding of ragged batches) get score -inf, and take
 quantization either (not in the mean, the scales or V's range), so their content cannot matter.
 
 GPUs without FP8 tensor cores (compute capability below 8.9) keep P and V in fp16 (Q/K stay INT8).
+On Hopper (compute capability 9.0) self-attention without a key mask runs sage_hopper's
+warp-specialized kernel on the same operands (see hopper_kernel_for; 1.33-1.52x of cuDNN's SDPA on
+an H200 where this module's kernel gives 1.22-1.29x, benchmarks/RESULTS.md); the rest runs this
+module's kernel.
 
 Layout: q [B, Lq, H, D], k and v [B, Lk, H, D] (the attention call's), D = 128. The quantized copies
 are [B, H, L_pad, D] for Q and K and [B, H, D, L_pad] for V (tokens contiguous: the FP8 dot wants
@@ -146,15 +150,18 @@ def _quantize_qk_kernel(X, MEAN, BIAS, OUT, SCALE, SHIFT,
 @triton.jit
 def _quantize_v_kernel(X, SCALE, BIAS, OUT, L, H, stride_xb, stride_xl, stride_xh, L_PAD,
                        HEAD_DIM: tl.constexpr, QUANT_BLOCK: tl.constexpr, HAS_MASK: tl.constexpr,
-                       SOFT_ROUND: tl.constexpr):
+                       SOFT_ROUND: tl.constexpr, PERMUTE_KEYS: tl.constexpr):
     """One block of tokens of V [B, L, H, D] -> OUT [B, H, D, L_PAD] (fp8 e4m3 or fp16, tokens
-    contiguous), divided by its per-channel SCALE [B, H, D]; padding (and masked, HAS_MASK) tokens are 0."""
+    contiguous), divided by its per-channel SCALE [B, H, D]; padding (and masked, HAS_MASK) tokens are 0.
+    PERMUTE_KEYS: token s goes to hopper_key_order's position (the Hopper kernel's P.V operand order)."""
     block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets pass 2^31 at large B*H*L
     x, real, offs_l, offs_d = _load_token_block(X, BIAS, block, bh, L, H, stride_xb, stride_xl, stride_xh, L_PAD,
                                                 HEAD_DIM, QUANT_BLOCK, HAS_MASK)
     x = x / tl.load(SCALE + bh * HEAD_DIM + offs_d)[None, :]
     if SOFT_ROUND:
         x = _round_to_e4m3_mantissa(x)
+    if PERMUTE_KEYS:
+        offs_l = offs_l - (offs_l & 15) + 4 * ((offs_l >> 1) & 3) + 2 * ((offs_l >> 3) & 1) + (offs_l & 1)
     tl.store(OUT + bh * HEAD_DIM * L_PAD + offs_d[None, :] * L_PAD + offs_l[:, None], x.to(OUT.dtype.element_ty))
 
 
@@ -237,7 +244,7 @@ def _sage_attention_kernel(Q, QS, K, KS, V, VS, BIAS, SHIFT, O, LSE,
     Q int8 [B, H, LQ_PAD, D], QS [B, H, N_QS]; K int8 [B, H, L_PAD, D], KS [B, H, N_KS];
     V [B, H, D, L_PAD] (fp8 or fp16), VS [B, H, D]; BIAS [B, L_PAD] (HAS_MASK); SHIFT [B, H, Lq]
     (RETURN_LSE) -> O [B, Lq, H, D] (strided), LSE [B, H, Lq] float32 (RETURN_LSE).
-    LONG_KEYS: 1 for more than 2048 keys, else 0; read by the autotuner only.
+    LONG_KEYS: 1 for more than LONG_KEYS_ABOVE keys, else 0; read by the autotuner only.
     P_LOG2_SCALE: log2 of the factor p is scaled by (log2 448 with FP8 P, so p fills e4m3's range; 0 in fp16).
     """
     block_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets pass 2^31 at large B*H*L
@@ -286,11 +293,72 @@ def fp8_supported(device):
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+LONG_KEYS_ABOVE = 2048  # more keys than this: self-attention (the autotuner's LONG_KEYS, the Hopper kernel's calls)
+KERNELS = ("auto", "triton", "hopper")
+
+
+_hopper_failed = []  # the error that turned the Hopper kernel off for this process, if any
+
+
+def _hopper_module():
+    """wanvideo.modules.sage_hopper, or None: Triton before 3.6 (its Gluon spells warp specialization
+    otherwise; the kernel was written and measured with 3.6), or the kernel failed once (_hopper_failed)."""
+    if _hopper_failed or tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+        return None
+    try:
+        from . import sage_hopper
+    except ImportError:
+        return None
+    return sage_hopper
+
+
+def _capability(device):
+    """The CUDA compute capability of device; None on a CPU, under the interpreter or on ROCm (whose
+    gfx90a also reports 9.0)."""
+    if INTERPRETED or device.type != "cuda" or torch.version.hip is not None:
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def hopper_kernel_applies(capability, lk, has_mask, pv_fp8, gluon_available):
+    """Whether the warp-specialized Hopper kernel (sage_hopper) takes a call: a compute capability 9.0
+    GPU, FP8 P/V, no key mask, and more than LONG_KEYS_ABOVE keys (where it was measured faster; the
+    short cross-attention stays on the Triton kernel). capability is None on a CPU or under the interpreter."""
+    return (capability == (9, 0) and pv_fp8 and not has_mask and lk > LONG_KEYS_ABOVE and gluon_available)
+
+
+def hopper_kernel_for(q, lk, key_mask, pv_fp8, kernel="auto"):
+    """sage_hopper where it takes this call (hopper_kernel_applies, kernel "auto" or "hopper"), else None;
+    kernel "hopper" where it cannot run: ValueError with the reason."""
+    if kernel == "triton":
+        return None
+    capability = _capability(q.device)
+    hopper = _hopper_module() if capability == (9, 0) else None  # Gluon imported only where it can run
+    if hopper_kernel_applies(capability, lk, key_mask is not None, pv_fp8, hopper is not None):
+        return hopper
+    if kernel == "hopper":
+        gluon = "found" if hopper else ("not usable" if capability == (9, 0) else "not looked for")
+        raise ValueError(
+            f"sage_triton: the Hopper kernel needs a compute capability 9.0 GPU (got {capability}), FP8 P/V "
+            f"(pv_fp8={pv_fp8}), no key mask (mask given: {key_mask is not None}), more than {LONG_KEYS_ABOVE} "
+            f"keys (got {lk}) and Triton 3.6+'s Gluon ({gluon}); use kernel='auto'."
+            + (f" It failed here before: {_hopper_failed[0]}" if _hopper_failed else ""))
+    return None
+
+
+def hopper_key_order(length):
+    """Where quantize(permute_keys=True) stores each key of V: new[hopper_key_order(L)[s]] = old[s].
+    Within each 16 keys, s = 16h + 8j + 2c + e goes to 16h + 4c + 2j + e: the order in which a thread
+    of the Hopper kernel holds P's columns in its FP8 operand registers (see sage_hopper)."""
+    s = torch.arange(length)
+    return s - (s & 15) + 4 * ((s >> 1) & 3) + 2 * ((s >> 3) & 1) + (s & 1)
+
+
 def _padded(length):
     return -(-length // PAD_TO) * PAD_TO
 
 
-def quantize(q, k, v, pv_fp8=True, with_shift=False, key_mask=None):
+def quantize(q, k, v, pv_fp8=True, with_shift=False, key_mask=None, permute_keys=False):
     """The quantized operands of sage_attention.
 
     q [B, Lq, H, D], k and v [B, Lk, H, D], key_mask None or bool [B, Lk] (True = real key) ->
@@ -301,6 +369,7 @@ def quantize(q, k, v, pv_fp8=True, with_shift=False, key_mask=None):
            bias [B, Lk_pad] fp32 (0 real key, -inf masked or padding; with key_mask) or None).
     q comes out multiplied by softmax_scale * log2(e); dequantized: q ~ q_int8 * q_scale per block.
     Masked keys take no part: not in k's mean nor v's scale, and quantized as 0.
+    permute_keys: v's keys in hopper_key_order (the Hopper kernel's operand order).
     """
     batch, lq, heads, dim = q.shape
     lk = k.shape[1]
@@ -347,11 +416,12 @@ def quantize(q, k, v, pv_fp8=True, with_shift=False, key_mask=None):
         num_warps=8)
     _quantize_v_kernel[(lk_pad // QUANT_BLOCK, batch * heads)](
         v, v_scale, bias_arg, out["v"], lk, heads, v.stride(0), v.stride(1), v.stride(2), lk_pad,
-        HEAD_DIM=dim, QUANT_BLOCK=QUANT_BLOCK, HAS_MASK=has_mask, SOFT_ROUND=INTERPRETED and pv_fp8)
+        HEAD_DIM=dim, QUANT_BLOCK=QUANT_BLOCK, HAS_MASK=has_mask, SOFT_ROUND=INTERPRETED and pv_fp8,
+        PERMUTE_KEYS=permute_keys)
     return out
 
 
-def sage_attention(q, k, v, key_mask=None, return_lse=False, pv_fp8=None):
+def sage_attention(q, k, v, key_mask=None, return_lse=False, pv_fp8=None, kernel="auto"):
     """8-bit attention with the attention call's contract.
 
     q [B, Lq, H, 128], k and v [B, Lk, H, 128] (fp16, bf16 or fp32, any strides with a contiguous
@@ -359,6 +429,8 @@ def sage_attention(q, k, v, key_mask=None, return_lse=False, pv_fp8=None):
     in q's dtype, and with return_lse also lse [B, H, Lq] float32 (natural log-sum-exp of the
     scaled scores; -inf and out 0 where every key of a sample is masked), as attention_with_lse.
     pv_fp8: None picks FP8 P/V where the GPU has FP8 tensor cores, else fp16 P/V.
+    kernel: "auto" runs the warp-specialized Hopper kernel (sage_hopper) where hopper_kernel_applies,
+    else the Triton kernel of this module; "triton" always the latter; "hopper" the former or an error.
     """
     batch, lq, heads, dim = q.shape
     lk = k.shape[1]
@@ -366,6 +438,8 @@ def sage_attention(q, k, v, key_mask=None, return_lse=False, pv_fp8=None):
         raise ValueError(f"sage_triton runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1), got {q.device}.")
     if dim != HEAD_DIM:
         raise ValueError(f"sage_triton supports head dim {HEAD_DIM} only, got {dim}.")
+    if kernel not in KERNELS:
+        raise ValueError(f"sage_triton: kernel must be one of {KERNELS}, got {kernel!r}.")
     if k.shape != (batch, lk, heads, dim) or v.shape != k.shape:
         raise ValueError(f"sage_triton: k and v must be [B, Lk, H, D] matching q {tuple(q.shape)}; "
                          f"got {tuple(k.shape)} and {tuple(v.shape)}.")
@@ -374,21 +448,32 @@ def sage_attention(q, k, v, key_mask=None, return_lse=False, pv_fp8=None):
         if not pv_fp8:
             _warn_once(("fp16", str(q.device)), "sage_triton: %s has no FP8 tensor cores (compute capability "
                        "below 8.9); P and V stay in fp16, Q and K in INT8.", q.device)
+    hopper = hopper_kernel_for(q, lk, key_mask, pv_fp8, kernel)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if q.device.type == "cuda":
         # Triton launches on the current device: make it q's (block_distribution runs blocks on several GPUs).
         with torch.cuda.device(q.device):
-            return _sage_attention(q, k, v, key_mask, return_lse, pv_fp8)
-    return _sage_attention(q, k, v, key_mask, return_lse, pv_fp8)
+            return _sage_attention(q, k, v, key_mask, return_lse, pv_fp8, hopper, kernel == "hopper")
+    return _sage_attention(q, k, v, key_mask, return_lse, pv_fp8, hopper, kernel == "hopper")
 
 
-def _sage_attention(q, k, v, key_mask, return_lse, pv_fp8):
+def _sage_attention(q, k, v, key_mask, return_lse, pv_fp8, hopper, hopper_required):
     batch, lq, heads, dim = q.shape
     lk = k.shape[1]
-    ops = quantize(q, k, v, pv_fp8=pv_fp8, with_shift=return_lse, key_mask=key_mask)
-
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, lq, dtype=torch.float32, device=q.device) if return_lse else out
+    if hopper is not None:
+        ops = quantize(q, k, v, pv_fp8=pv_fp8, with_shift=return_lse, permute_keys=True)
+        try:
+            hopper.attend(ops, out, lse, lq, lk, heads, return_lse, LOG2_FP8_MAX, QUANT_BLOCK, K_QUANT_BLOCK)
+            return (out, lse) if return_lse else out
+        except Exception as error:  # e.g. a Gluon that compiles it otherwise: the Triton kernel from now on
+            if hopper_required:
+                raise
+            _hopper_failed.append(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
+            logger.warning("sage_triton: the Hopper kernel failed (%s); the Triton kernel runs instead from now on.",
+                           _hopper_failed[0])
+    ops = quantize(q, k, v, pv_fp8=pv_fp8, with_shift=return_lse, key_mask=key_mask)
     has_mask = ops["bias"] is not None
     bias = ops["bias"] if has_mask else ops["v_scale"]  # additive: 0 real key, -inf masked or padding
     lk_pad = ops["k"].shape[2]
@@ -396,7 +481,7 @@ def _sage_attention(q, k, v, key_mask, return_lse, pv_fp8):
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)
     _sage_attention_kernel[grid](
         ops["q"], ops["q_scale"], ops["k"], ops["k_scale"], ops["v"], ops["v_scale"], bias, shift, out, lse,
-        heads, lq, lk, int(lk > 2048), ops["q"].shape[2], lk_pad, ops["q_scale"].shape[2], ops["k_scale"].shape[2],
+        heads, lq, lk, int(lk > LONG_KEYS_ABOVE), ops["q"].shape[2], lk_pad, ops["q_scale"].shape[2], ops["k_scale"].shape[2],
         out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=dim, QUANT_BLOCK=QUANT_BLOCK, K_QUANT_BLOCK=K_QUANT_BLOCK, HAS_MASK=has_mask, PV_FP8=pv_fp8,
         RETURN_LSE=return_lse, P_LOG2_SCALE=LOG2_FP8_MAX if pv_fp8 else 0.0, SOFT_ROUND=INTERPRETED and pv_fp8)

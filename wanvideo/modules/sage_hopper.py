@@ -1,0 +1,215 @@
+"""sage_triton's attention kernel for Hopper (sm_90), warp-specialized, in Triton's Gluon dialect.
+
+The same math as sage_triton's kernel (INT8 Q.K, FP8 P.V, FP32 accumulation; see that module), on
+the operands its `quantize` makes, scheduled as FlashAttention-3 does, which Triton's `tl.dot`
+cannot express. One CTA takes BLOCK_M = 128 queries of one (batch, head) with three warp groups:
+
+  producer (1 warp, 24 registers): K and V tiles of BLOCK_N keys by TMA into NUM_STAGES buffers;
+  two consumers (4 warps each, 232 registers or more): 64 query rows each. At key tile j a consumer issues
+      tile j's Q.K and tile j-1's P.V on the tensor cores (async wgmma), waits for the Q.K only and
+      runs tile j's softmax while the P.V still runs; a buffer goes back to the producer once both
+      consumers' P.V on it is done.
+
+Two details keep the consumers' instruction count near the softmax's own:
+  * P crosses an iteration in fp32 and is cast to FP8 right before its product, so the compiler
+    packs four FP8 values per register directly (carried as FP8, it unpacks and repacks every byte);
+  * a thread's accumulator registers hold S's columns in another order than the FP8 operand of the
+    P.V product wants (s = 16h + 8j + 2c + e against k = 16h + 4c + 2j + e within each 16 keys), so
+    instead of moving P between threads, `quantize(permute_keys=True)` stores V's keys in the
+    operand's order (sage_triton.hopper_key_order) and P's columns are relabelled to match: the
+    product is unchanged.
+
+No key mask (sage_triton keeps masked calls on its Triton kernel); the padding keys of the last
+tile are masked by their index. Needs a GPU with compute capability 9.0 and a Triton with Gluon.
+"""
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .sage_triton import INT_SCORE_SENTINEL
+
+WG_ROWS = gl.constexpr(64)  # query rows of one consumer warp group (one wgmma M)
+BLOCK_M = 2 * WG_ROWS.value  # two consumers
+# P [64, N] -> the operand's column order: viewed as [64, N / 16, j, c, e], (j, c) swapped.
+RELABEL_SPLIT = gl.constexpr((2, 4, 2))
+RELABEL_ORDER = gl.constexpr((0, 1, 3, 2, 4))
+BLOCK_N = 128
+NUM_STAGES = 3              # measured on an H200: 2 starves the consumers, 4-5 gain nothing
+CONSUMER_REGS = 232         # per thread; the producer gets 24: 2 x 128 x 232 + 128 x 24 < 64k
+MAXNREG = 168               # the kernel's launch bound: 12 warps x 32 x 168 registers fit one SM
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, k_row0, v_row0, n_tiles,
+              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """Load key tile j's K [BLOCK_N, D] and V [D, BLOCK_N] into buffer j % NUM_STAGES once it is free."""
+    for j in range(n_tiles):
+        stage = j % NUM_STAGES
+        # mbarriers start as if phase 1 had completed: the first NUM_STAGES waits pass at once.
+        mbarrier.wait(empty.index(stage), ((j // NUM_STAGES) & 1) ^ 1)
+        bar = ready.index(stage)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row0 + j * BLOCK_N, 0], bar, k_smem.index(stage))
+        tma.async_copy_global_to_shared(v_desc, [v_row0, j * BLOCK_N], bar, v_smem.index(stage))
+
+
+@gluon.jit
+def _softmax(s, sc, m_i, l_i, col0, Lk, P_LOG2_SCALE: gl.constexpr, BLOCK_N: gl.constexpr,
+             s_layout: gl.constexpr, MASK: gl.constexpr):
+    """INT32 scores s [64, N] of keys col0... (row scale sc [64]) -> (p [64, N] fp32 in [0, 448],
+    alpha [64], m [64], l [64]) as sage_triton's kernel. MASK: keys at or past Lk get p = 0 (a tile
+    always holds a real key: masking happens on the last tile only)."""
+    if MASK:
+        valid = gl.expand_dims(col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)) < Lk, 0)
+        s = gl.where(valid, s, INT_SCORE_SENTINEL)
+    m_new = gl.maximum(m_i, gl.max(s, axis=1).to(gl.float32) * sc)   # the row maximum on INT32 products
+    m_sub = m_new - P_LOG2_SCALE
+    p = gl.exp2(s.to(gl.float32) * gl.expand_dims(sc, 1) - gl.expand_dims(m_sub, 1))
+    if MASK:  # not by the sentinel's product alone: times a tiny scale (an all-zero block) it is near 0
+        p = gl.where(s == INT_SCORE_SENTINEL, 0.0, p)
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _to_operand(p, p_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+    """fp32 P [64, N] (accumulator layout) -> FP8 A operand of the P.V product, columns relabelled to
+    sage_triton.hopper_key_order (register renaming: no data moves between threads)."""
+    p8 = p.to(gl.float8e4nv).reshape([64, BLOCK_N // 16, RELABEL_SPLIT[0], RELABEL_SPLIT[1], RELABEL_SPLIT[2]])
+    p8 = p8.permute(RELABEL_ORDER[0], RELABEL_ORDER[1], RELABEL_ORDER[2], RELABEL_ORDER[3], RELABEL_ORDER[4])
+    return gl.convert_layout(p8.reshape([64, BLOCK_N]), p_layout)
+
+
+@gluon.jit
+def _consumer(q_desc, k_smem, v_smem, q_smem, q_bar, ready, empty, QS, KS, VS, SHIFT, O, LSE,
+              bh, b, h, block_m, Lq, Lk, N_QS, N_KS, LQ_PAD, n_tiles, stride_ob, stride_ol, stride_oh,
+              WG: gl.constexpr, HEAD_DIM: gl.constexpr, QUANT_BLOCK: gl.constexpr, K_QUANT_BLOCK: gl.constexpr,
+              RETURN_LSE: gl.constexpr, P_LOG2_SCALE: gl.constexpr, BLOCK_N: gl.constexpr,
+              NUM_STAGES: gl.constexpr):
+    """Query rows block_m * 128 + WG * 64 ... + 63 of (batch, head) bh: attention over all key tiles."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    row0 = block_m * (2 * WG_ROWS) + WG * WG_ROWS
+    q_tile = q_smem.index(WG)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [bh * LQ_PAD + row0, 0], q_bar, q_tile)
+    offs_m = row0 + gl.arange(0, WG_ROWS, layout=row_layout)
+    row_scale = gl.load(QS + bh * N_QS + offs_m // QUANT_BLOCK)
+    ks_base = KS + bh * N_KS
+    zero_s = gl.zeros([WG_ROWS, BLOCK_N], gl.int32, s_layout)
+    acc = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, o_layout)
+    m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([WG_ROWS], gl.float32, row_layout)
+    mbarrier.wait(q_bar, 0)
+
+    # Tile 0: its scores, then its softmax (masked: it may be the last).
+    mbarrier.wait(ready.index(0), 0)
+    s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
+    p, alpha, m_i, l_i = _softmax(s, row_scale * gl.load(ks_base), m_i, l_i, 0, Lk, P_LOG2_SCALE, BLOCK_N,
+                                  s_layout, True)
+    for j in range(1, n_tiles):
+        stage = j % NUM_STAGES
+        prev = (j - 1) % NUM_STAGES
+        mbarrier.wait(ready.index(stage), (j // NUM_STAGES) & 1)
+        s_tok = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        acc_tok = warpgroup_mma(_to_operand(p, p_layout, BLOCK_N), v_smem.index(prev).permute((1, 0)), acc,
+                                is_async=True)  # P's cast runs while the Q.K does
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))   # tile j's scores; tile j-1's P.V runs on
+        sc = row_scale * gl.load(ks_base + (j * BLOCK_N) // K_QUANT_BLOCK)
+        if j == n_tiles - 1:
+            p, alpha, m_i, l_i = _softmax(s, sc, m_i, l_i, j * BLOCK_N, Lk, P_LOG2_SCALE, BLOCK_N, s_layout, True)
+        else:
+            p, alpha, m_i, l_i = _softmax(s, sc, m_i, l_i, j * BLOCK_N, Lk, P_LOG2_SCALE, BLOCK_N, s_layout, False)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
+        mbarrier.arrive(empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+    last = (n_tiles - 1) % NUM_STAGES
+    acc = warpgroup_mma(_to_operand(p, p_layout, BLOCK_N), v_smem.index(last).permute((1, 0)), acc)
+    mbarrier.arrive(empty.index(last), count=1)
+
+    o_rows = row0 + gl.arange(0, WG_ROWS, layout=o_row_layout)
+    o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    v_scale = gl.load(VS + bh * HEAD_DIM + o_cols)
+    out = acc * gl.expand_dims(1.0 / gl.convert_layout(l_i, o_row_layout), 1) * gl.expand_dims(v_scale, 0)
+    ptrs = (O + b * stride_ob + h * stride_oh + gl.expand_dims(o_rows.to(gl.int64), 1) * stride_ol
+            + gl.expand_dims(o_cols, 0))
+    gl.store(ptrs, out.to(O.dtype.element_ty), mask=gl.expand_dims(o_rows < Lq, 1))
+    if RETURN_LSE:
+        rows = offs_m < Lq
+        shift = gl.load(SHIFT + bh * Lq + offs_m, mask=rows, other=0.0)
+        lse = (m_i + gl.log2(l_i) - P_LOG2_SCALE) * 0.6931471805599453 + shift
+        gl.store(LSE + bh * Lq + offs_m, lse, mask=rows)
+
+
+@gluon.jit(do_not_specialize=["Lq", "Lk", "N_QS", "N_KS"])  # a new length does not compile again
+def _sage_hopper_kernel(q_desc, k_desc, v_desc, QS, KS, VS, SHIFT, O, LSE,
+                        H, Lq, Lk, LQ_PAD, L_PAD, N_QS, N_KS, stride_ob, stride_ol, stride_oh,
+                        HEAD_DIM: gl.constexpr, QUANT_BLOCK: gl.constexpr, K_QUANT_BLOCK: gl.constexpr,
+                        RETURN_LSE: gl.constexpr, P_LOG2_SCALE: gl.constexpr, BLOCK_N: gl.constexpr,
+                        NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """Q int8 [B*H*LQ_PAD, D], K int8 [B*H*L_PAD, D], V fp8 [B*H*D, L_PAD] (keys in hopper_key_order) by TMA
+    descriptors; QS, KS, VS the scales, SHIFT [B, H, Lq] (RETURN_LSE) -> O [B, Lq, H, D] (strided),
+    LSE [B, H, Lq] (RETURN_LSE)."""
+    gl.static_assert(K_QUANT_BLOCK % BLOCK_N == 0, "a key tile must lie in one K scale block")
+    block_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = (bh // H).to(gl.int64)  # int64: b * stride_ob passes 2^31 from a few videos of 720p up
+    h = bh % H
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both consumers release a buffer
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+    n_tiles = gl.cdiv(Lk, BLOCK_N)
+    gl.warp_specialize([
+        (_consumer, (q_desc, k_smem, v_smem, q_smem, q_bars.index(0), ready, empty, QS, KS, VS, SHIFT, O, LSE,
+                     bh, b, h, block_m, Lq, Lk, N_QS, N_KS, LQ_PAD, n_tiles, stride_ob, stride_ol, stride_oh,
+                     0, HEAD_DIM, QUANT_BLOCK, K_QUANT_BLOCK, RETURN_LSE, P_LOG2_SCALE, BLOCK_N, NUM_STAGES)),
+        (_consumer, (q_desc, k_smem, v_smem, q_smem, q_bars.index(1), ready, empty, QS, KS, VS, SHIFT, O, LSE,
+                     bh, b, h, block_m, Lq, Lk, N_QS, N_KS, LQ_PAD, n_tiles, stride_ob, stride_ol, stride_oh,
+                     1, HEAD_DIM, QUANT_BLOCK, K_QUANT_BLOCK, RETURN_LSE, P_LOG2_SCALE, BLOCK_N, NUM_STAGES)),
+        (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, bh * L_PAD, bh * HEAD_DIM, n_tiles,
+                     BLOCK_N, NUM_STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def descriptors(ops):
+    """TMA descriptors of quantize's Q [.., D], K [.., D] and V [.., L_PAD] as 2-D views, one tile each."""
+    dim = ops["q"].shape[-1]
+    q = ops["q"].view(-1, dim)
+    k = ops["k"].view(-1, dim)
+    v = ops["v"].view(-1, ops["v"].shape[-1])
+
+    def describe(t, block, dtype):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
+                                gl.NVMMASharedLayout.get_default_for(block, dtype))
+    return (describe(q, [WG_ROWS.value, dim], gl.int8), describe(k, [BLOCK_N, dim], gl.int8),
+            describe(v, [dim, BLOCK_N], gl.float8e4nv))
+
+
+def attend(ops, out, lse, lq, lk, heads, return_lse, p_log2_scale, quant_block, k_quant_block):
+    """Run the kernel on sage_triton.quantize(..., permute_keys=True)'s operands (no key mask, FP8 P/V)
+    into out [B, Lq, H, D] (and lse [B, H, Lq] with return_lse)."""
+    batch, _, lq_pad, dim = ops["q"].shape
+    shift = ops["shift"] if return_lse else ops["v_scale"]
+    grid = (triton.cdiv(lq, BLOCK_M), batch * heads)
+    _sage_hopper_kernel[grid](
+        *descriptors(ops), ops["q_scale"], ops["k_scale"], ops["v_scale"], shift, out, lse,
+        heads, lq, lk, lq_pad, ops["k"].shape[2], ops["q_scale"].shape[2], ops["k_scale"].shape[2],
+        out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=dim, QUANT_BLOCK=quant_block, K_QUANT_BLOCK=k_quant_block, RETURN_LSE=return_lse,
+        P_LOG2_SCALE=p_log2_scale, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, CONSUMER_REGS=CONSUMER_REGS,
+        num_warps=4, maxnreg=MAXNREG)

@@ -78,8 +78,7 @@ def _softmax(s, sc, m_i, l_i, col0, Lk, P_LOG2_SCALE: gl.constexpr, BLOCK_N: gl.
 def _to_operand(p, p_layout: gl.constexpr, BLOCK_N: gl.constexpr):
     """fp32 P [64, N] (accumulator layout) -> FP8 A operand of the P.V product, columns relabelled to
     sage_triton.hopper_key_order (register renaming: no data moves between threads)."""
-    p8 = p.to(gl.float8e4nv).reshape([64, BLOCK_N // 16, RELABEL_SPLIT[0], RELABEL_SPLIT[1], RELABEL_SPLIT[2]])
-    p8 = p8.permute(RELABEL_ORDER[0], RELABEL_ORDER[1], RELABEL_ORDER[2], RELABEL_ORDER[3], RELABEL_ORDER[4])
+    p8 = p.to(gl.float8e4nv).reshape((64, BLOCK_N // 16) + RELABEL_SPLIT).permute(RELABEL_ORDER.value)
     return gl.convert_layout(p8.reshape([64, BLOCK_N]), p_layout)
 
 

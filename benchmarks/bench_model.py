@@ -49,6 +49,22 @@ def event_time_ms(fn, iters=5, warmup=2):
     return sorted(times)[len(times) // 2]
 
 
+def back_to_back_ms(fn, iters=5, warmup=2):
+    """Milliseconds per fn() over iters calls queued back to back between two CUDA events: the GPU's
+    time with the host ahead of it, as inside a model (event_time_ms's single calls also count the host's
+    launch time before the first kernel, when the GPU waits for it)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def random_init_(module, std=0.02):
     """Random (never zero) weights, drawn on the module's device."""
     with torch.no_grad():

@@ -42,6 +42,16 @@ def test_relabelled_p_times_v_in_key_order_is_the_product():
     assert rel(p_operand @ v, p @ v) > 0.1
 
 
+def test_row_sum_operand_counts_every_key_of_a_tile_once():
+    """P times row_sum_operand's transpose: SUM_PARTS partial sums of equal size adding up to P's row sums."""
+    ones = sh.row_sum_operand(torch.device("cpu")).float()
+    assert ones.shape == (sh.SUM_PARTS.value, sh.BLOCK_N)
+    assert torch.equal(ones.sum(0), torch.ones(sh.BLOCK_N))  # every key in exactly one part
+    assert torch.equal(ones.sum(1), torch.full((sh.SUM_PARTS.value, ), sh.BLOCK_N / sh.SUM_PARTS.value))
+    p = torch.rand(64, sh.BLOCK_N, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close((p @ ones.double().T).sum(1), p.sum(1))
+
+
 def test_dispatch_rule():
     args = dict(capability=(9, 0), lk=32760, has_mask=False, pv_fp8=True, gluon_available=True)
     assert st.hopper_kernel_applies(**args)
@@ -62,7 +72,7 @@ def test_compiles_for_hopper_without_spills_or_serialized_products(return_lse):
     """Compiled for sm_90a without a GPU (the launch's specialization: 16-byte aligned pointers and
     strides): ptxas reports no spill and no serialized wgmma (it serializes them when registers run
     short or an accumulator is written while a product is in flight, which would forfeit the
-    overlap); the partitions get their registers (232 for the consumers, 24 for the producer)."""
+    overlap); the partitions get their registers (240 for the consumers, 24 for the producer)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -72,7 +82,7 @@ def test_compiles_for_hopper_without_spills_or_serialized_products(return_lse):
                v=torch.zeros(1, 2, 128, 1024, dtype=torch.float8_e4m3fn))
     kernel = sh._sage_hopper_kernel
     names = kernel.arg_names
-    signature = dict(zip(["q_desc", "k_desc", "v_desc"], map(mangle_type, sh.descriptors(ops))))
+    signature = dict(zip(["q_desc", "ones_desc", "k_desc", "v_desc"], map(mangle_type, sh.descriptors(ops))))
     signature.update({name: "*fp32" for name in ("QS", "KS", "VS", "SHIFT", "LSE")}, O="*bf16")
     signature.update({name: "i32" for name in ("H", "Lq", "Lk", "LQ_PAD", "L_PAD", "N_QS", "N_KS",
                                                "stride_ob", "stride_ol", "stride_oh")})
@@ -87,7 +97,7 @@ def test_compiles_for_hopper_without_spills_or_serialized_products(return_lse):
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=4, num_stages=1, maxnreg=sh.MAXNREG))
     ptx = compiled.asm["ptx"]
-    assert {"232", "24"} <= set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))
+    assert {str(sh.CONSUMER_REGS), "24"} <= set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.ptx")
         with open(path, "w") as f:
@@ -116,11 +126,12 @@ def hopper_calls(monkeypatch):
 
 
 @hopper_gpu
-@pytest.mark.parametrize("lq,lk", [(300, 2100), (1000, 4100), (129, 2200), (256, 4096)])
+@pytest.mark.parametrize("lq,lk", [(300, 2100), (1000, 4100), (129, 2200), (256, 4096), (256, 32760)])
 def test_hopper_kernel_against_exact_attention_and_the_triton_kernel(lq, lk, hopper_calls):
     """sage_triton with the default kernel choice takes the Hopper kernel here (more than 2048 keys,
-    no mask; a partial last tile, and a whole one at 4096): close to exact attention, its log-sum-exp
-    too, and to the Triton kernel (the same quantization; P is scaled by the running maximum over 128
+    no mask; a partial last tile, and a whole one at 4096; 256 tiles at 32760, where row sums kept in
+    the tensor cores' FP8 accumulator would lose their small terms): close to exact attention, its
+    log-sum-exp too, and to the Triton kernel (the same quantization; P is scaled by the running maximum over 128
     keys here and 64 there, so its FP8 rounding differs a little); bf16 inputs."""
     q, k, v = (t.cuda() for t in make_qkv(lq, lk))
     out, lse = st.sage_attention(q, k, v, return_lse=True)

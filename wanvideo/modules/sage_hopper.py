@@ -5,23 +5,29 @@ the operands its `quantize` makes, scheduled as FlashAttention-3 does, which Tri
 cannot express. One CTA takes BLOCK_M = 128 queries of one (batch, head) with three warp groups:
 
   producer (1 warp, 24 registers): K and V tiles of BLOCK_N keys by TMA into NUM_STAGES buffers;
-  two consumers (4 warps each, 232 registers or more): 64 query rows each. At key tile j a consumer issues
-      tile j's Q.K and tile j-1's P.V on the tensor cores (async wgmma), waits for the Q.K only and
-      runs tile j's softmax while the P.V still runs; a buffer goes back to the producer once both
-      consumers' P.V on it is done.
+  two consumers (4 warps each, 240 registers): 64 query rows each. At key tile j a consumer issues
+      tile j's Q.K and tile j-1's P.V and row sums on the tensor cores (async wgmma), waits for the
+      Q.K only and runs tile j's softmax while the other two still run; a buffer goes back to the
+      producer once both consumers' P.V on it is done.
 
-Two details keep the consumers' instruction count near the softmax's own:
+Three details keep the consumers' instruction count near the softmax's own:
   * P crosses an iteration in fp32 and is cast to FP8 right before its product, so the compiler
     packs four FP8 values per register directly (carried as FP8, it unpacks and repacks every byte);
   * a thread's accumulator registers hold S's columns in another order than the FP8 operand of the
     P.V product wants (s = 16h + 8j + 2c + e against k = 16h + 4c + 2j + e within each 16 keys), so
     instead of moving P between threads, `quantize(permute_keys=True)` stores V's keys in the
     operand's order (sage_triton.hopper_key_order) and P's columns are relabelled to match: the
-    product is unchanged.
+    product is unchanged;
+  * the row sums of P come from the tensor cores too: P times a block-diagonal operand of ones
+    (row_sum_operand) gives SUM_PARTS partial sums a row, each of BLOCK_N / SUM_PARTS keys, instead of
+    an addition per element (an eighth of a consumer's instructions; measured about 8% faster).
+    The partial sums start from zero at every tile and are few keys each, because the tensor cores
+    add FP8 products with about 14 bits: one running sum of all keys would lose the small terms.
 
 No key mask (sage_triton keeps masked calls on its Triton kernel); the padding keys of the last
 tile are masked by their index. Needs a GPU with compute capability 9.0 and a Triton with Gluon.
 """
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -37,7 +43,8 @@ RELABEL_SPLIT = gl.constexpr((2, 4, 2))
 RELABEL_ORDER = gl.constexpr((0, 1, 3, 2, 4))
 BLOCK_N = 128
 NUM_STAGES = 3              # measured on an H200: 2 starves the consumers, 4-5 gain nothing
-CONSUMER_REGS = 232         # per thread; the producer gets 24: 2 x 128 x 232 + 128 x 24 < 64k
+SUM_PARTS = gl.constexpr(16)  # partial row sums of P a tile (the row-sum product's N; 8 measured slower)
+CONSUMER_REGS = 240         # per thread; the producer gets 24: 2 x 128 x 240 + 128 x 24 <= 64k (232 spills)
 MAXNREG = 168               # the kernel's launch bound: 12 warps x 32 x 168 registers fit one SM
 
 
@@ -56,11 +63,11 @@ def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, k_row0, v_row0, n_ti
 
 
 @gluon.jit
-def _softmax(s, sc, m_i, l_i, col0, Lk, P_LOG2_SCALE: gl.constexpr, BLOCK_N: gl.constexpr,
-             s_layout: gl.constexpr, MASK: gl.constexpr):
+def _softmax(s, sc, m_i, col0, Lk, P_LOG2_SCALE: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+             MASK: gl.constexpr):
     """INT32 scores s [64, N] of keys col0... (row scale sc [64]) -> (p [64, N] fp32 in [0, 448],
-    alpha [64], m [64], l [64]) as sage_triton's kernel. MASK: keys at or past Lk get p = 0 (a tile
-    always holds a real key: masking happens on the last tile only)."""
+    alpha [64], m [64]) as sage_triton's kernel (the row sums are the tensor cores'). MASK: keys at or
+    past Lk get p = 0 (a tile always holds a real key: masking happens on the last tile only)."""
     if MASK:
         valid = gl.expand_dims(col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)) < Lk, 0)
         s = gl.where(valid, s, INT_SCORE_SENTINEL)
@@ -69,9 +76,7 @@ def _softmax(s, sc, m_i, l_i, col0, Lk, P_LOG2_SCALE: gl.constexpr, BLOCK_N: gl.
     p = gl.exp2(s.to(gl.float32) * gl.expand_dims(sc, 1) - gl.expand_dims(m_sub, 1))
     if MASK:  # not by the sentinel's product alone: times a tiny scale (an all-zero block) it is near 0
         p = gl.where(s == INT_SCORE_SENTINEL, 0.0, p)
-    alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
-    return p, alpha, m_new, l_i
+    return p, gl.exp2(m_i - m_new), m_new
 
 
 @gluon.jit
@@ -83,26 +88,32 @@ def _to_operand(p, p_layout: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(q_desc, k_smem, v_smem, q_smem, q_bar, ready, empty, QS, KS, VS, SHIFT, O, LSE,
-              bh, b, h, block_m, Lq, Lk, N_QS, N_KS, LQ_PAD, n_tiles, stride_ob, stride_ol, stride_oh,
+def _consumer(q_desc, ones_desc, k_smem, v_smem, q_smem, ones_smem, q_bar, ready, empty,
+              QS, KS, VS, SHIFT, O, LSE, bh, b, h, block_m, Lq, Lk, N_QS, N_KS, LQ_PAD, n_tiles,
+              stride_ob, stride_ol, stride_oh,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, QUANT_BLOCK: gl.constexpr, K_QUANT_BLOCK: gl.constexpr,
               RETURN_LSE: gl.constexpr, P_LOG2_SCALE: gl.constexpr, BLOCK_N: gl.constexpr,
               NUM_STAGES: gl.constexpr):
     """Query rows block_m * 128 + WG * 64 ... + 63 of (batch, head) bh: attention over all key tiles."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32])
+    sum_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, SUM_PARTS, 32])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    p_sum_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=sum_layout, k_width=4)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     row0 = block_m * (2 * WG_ROWS) + WG * WG_ROWS
     q_tile = q_smem.index(WG)
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes + ones_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [bh * LQ_PAD + row0, 0], q_bar, q_tile)
+    tma.async_copy_global_to_shared(ones_desc, [0, 0], q_bar, ones_smem)
     offs_m = row0 + gl.arange(0, WG_ROWS, layout=row_layout)
     row_scale = gl.load(QS + bh * N_QS + offs_m // QUANT_BLOCK)
     ks_base = KS + bh * N_KS
     zero_s = gl.zeros([WG_ROWS, BLOCK_N], gl.int32, s_layout)
+    zero_sums = gl.zeros([WG_ROWS, SUM_PARTS], gl.float32, sum_layout)
     acc = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, o_layout)
     m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, row_layout)
     l_i = gl.zeros([WG_ROWS], gl.float32, row_layout)
@@ -111,26 +122,31 @@ def _consumer(q_desc, k_smem, v_smem, q_smem, q_bar, ready, empty, QS, KS, VS, S
     # Tile 0: its scores, then its softmax (masked: it may be the last).
     mbarrier.wait(ready.index(0), 0)
     s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
-    p, alpha, m_i, l_i = _softmax(s, row_scale * gl.load(ks_base), m_i, l_i, 0, Lk, P_LOG2_SCALE, BLOCK_N,
-                                  s_layout, True)
+    p, alpha, m_i = _softmax(s, row_scale * gl.load(ks_base), m_i, 0, Lk, P_LOG2_SCALE, BLOCK_N, s_layout, True)
     for j in range(1, n_tiles):
         stage = j % NUM_STAGES
         prev = (j - 1) % NUM_STAGES
         mbarrier.wait(ready.index(stage), (j // NUM_STAGES) & 1)
         s_tok = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        acc_tok = warpgroup_mma(_to_operand(p, p_layout, BLOCK_N), v_smem.index(prev).permute((1, 0)), acc,
-                                is_async=True)  # P's cast runs while the Q.K does
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))   # tile j's scores; tile j-1's P.V runs on
+        p_op = _to_operand(p, p_layout, BLOCK_N)  # P's cast runs while the Q.K does
+        acc_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
+        sums_tok = warpgroup_mma(gl.convert_layout(p_op, p_sum_layout), ones_smem.permute((1, 0)), zero_sums,
+                                 use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))   # tile j's scores; tile j-1's products run on
         sc = row_scale * gl.load(ks_base + (j * BLOCK_N) // K_QUANT_BLOCK)
         if j == n_tiles - 1:
-            p, alpha, m_i, l_i = _softmax(s, sc, m_i, l_i, j * BLOCK_N, Lk, P_LOG2_SCALE, BLOCK_N, s_layout, True)
+            p, alpha, m_i = _softmax(s, sc, m_i, j * BLOCK_N, Lk, P_LOG2_SCALE, BLOCK_N, s_layout, True)
         else:
-            p, alpha, m_i, l_i = _softmax(s, sc, m_i, l_i, j * BLOCK_N, Lk, P_LOG2_SCALE, BLOCK_N, s_layout, False)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
+            p, alpha, m_i = _softmax(s, sc, m_i, j * BLOCK_N, Lk, P_LOG2_SCALE, BLOCK_N, s_layout, False)
+        acc, sums = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, sums_tok))
         mbarrier.arrive(empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+        l_i = (l_i + gl.convert_layout(gl.sum(sums, axis=1), row_layout)) * alpha
     last = (n_tiles - 1) % NUM_STAGES
-    acc = warpgroup_mma(_to_operand(p, p_layout, BLOCK_N), v_smem.index(last).permute((1, 0)), acc)
+    p_op = _to_operand(p, p_layout, BLOCK_N)
+    acc = warpgroup_mma(p_op, v_smem.index(last).permute((1, 0)), acc)
+    sums = warpgroup_mma(gl.convert_layout(p_op, p_sum_layout), ones_smem.permute((1, 0)), zero_sums, use_acc=False)
+    l_i = l_i + gl.convert_layout(gl.sum(sums, axis=1), row_layout)
     mbarrier.arrive(empty.index(last), count=1)
 
     o_rows = row0 + gl.arange(0, WG_ROWS, layout=o_row_layout)
@@ -148,14 +164,14 @@ def _consumer(q_desc, k_smem, v_smem, q_smem, q_bar, ready, empty, QS, KS, VS, S
 
 
 @gluon.jit(do_not_specialize=["Lq", "Lk", "N_QS", "N_KS"])  # a new length does not compile again
-def _sage_hopper_kernel(q_desc, k_desc, v_desc, QS, KS, VS, SHIFT, O, LSE,
+def _sage_hopper_kernel(q_desc, ones_desc, k_desc, v_desc, QS, KS, VS, SHIFT, O, LSE,
                         H, Lq, Lk, LQ_PAD, L_PAD, N_QS, N_KS, stride_ob, stride_ol, stride_oh,
                         HEAD_DIM: gl.constexpr, QUANT_BLOCK: gl.constexpr, K_QUANT_BLOCK: gl.constexpr,
                         RETURN_LSE: gl.constexpr, P_LOG2_SCALE: gl.constexpr, BLOCK_N: gl.constexpr,
                         NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """Q int8 [B*H*LQ_PAD, D], K int8 [B*H*L_PAD, D], V fp8 [B*H*D, L_PAD] (keys in hopper_key_order) by TMA
-    descriptors; QS, KS, VS the scales, SHIFT [B, H, Lq] (RETURN_LSE) -> O [B, Lq, H, D] (strided),
-    LSE [B, H, Lq] (RETURN_LSE)."""
+    """Q int8 [B*H*LQ_PAD, D], K int8 [B*H*L_PAD, D], V fp8 [B*H*D, L_PAD] (keys in hopper_key_order) and
+    row_sum_operand [SUM_PARTS, BLOCK_N] by TMA descriptors; QS, KS, VS the scales, SHIFT [B, H, Lq]
+    (RETURN_LSE) -> O [B, Lq, H, D] (strided), LSE [B, H, Lq] (RETURN_LSE)."""
     gl.static_assert(K_QUANT_BLOCK % BLOCK_N == 0, "a key tile must lie in one K scale block")
     block_m = gl.program_id(0)
     bh = gl.program_id(1)
@@ -167,6 +183,7 @@ def _sage_hopper_kernel(q_desc, k_desc, v_desc, QS, KS, VS, SHIFT, O, LSE,
     ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ones_smem = gl.allocate_shared_memory(ones_desc.dtype, [2] + ones_desc.block_type.shape, ones_desc.layout)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both consumers release a buffer
@@ -174,19 +191,35 @@ def _sage_hopper_kernel(q_desc, k_desc, v_desc, QS, KS, VS, SHIFT, O, LSE,
         mbarrier.init(q_bars.index(i), count=1)
     n_tiles = gl.cdiv(Lk, BLOCK_N)
     gl.warp_specialize([
-        (_consumer, (q_desc, k_smem, v_smem, q_smem, q_bars.index(0), ready, empty, QS, KS, VS, SHIFT, O, LSE,
-                     bh, b, h, block_m, Lq, Lk, N_QS, N_KS, LQ_PAD, n_tiles, stride_ob, stride_ol, stride_oh,
+        (_consumer, (q_desc, ones_desc, k_smem, v_smem, q_smem, ones_smem.index(0), q_bars.index(0), ready, empty,
+                     QS, KS, VS, SHIFT, O, LSE, bh, b, h, block_m, Lq, Lk, N_QS, N_KS, LQ_PAD, n_tiles,
+                     stride_ob, stride_ol, stride_oh,
                      0, HEAD_DIM, QUANT_BLOCK, K_QUANT_BLOCK, RETURN_LSE, P_LOG2_SCALE, BLOCK_N, NUM_STAGES)),
-        (_consumer, (q_desc, k_smem, v_smem, q_smem, q_bars.index(1), ready, empty, QS, KS, VS, SHIFT, O, LSE,
-                     bh, b, h, block_m, Lq, Lk, N_QS, N_KS, LQ_PAD, n_tiles, stride_ob, stride_ol, stride_oh,
+        (_consumer, (q_desc, ones_desc, k_smem, v_smem, q_smem, ones_smem.index(1), q_bars.index(1), ready, empty,
+                     QS, KS, VS, SHIFT, O, LSE, bh, b, h, block_m, Lq, Lk, N_QS, N_KS, LQ_PAD, n_tiles,
+                     stride_ob, stride_ol, stride_oh,
                      1, HEAD_DIM, QUANT_BLOCK, K_QUANT_BLOCK, RETURN_LSE, P_LOG2_SCALE, BLOCK_N, NUM_STAGES)),
         (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, bh * L_PAD, bh * HEAD_DIM, n_tiles,
                      BLOCK_N, NUM_STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
+_row_sum_operands = {}
+
+
+def row_sum_operand(device):
+    """[SUM_PARTS, BLOCK_N] FP8: row n is one at the n-th BLOCK_N / SUM_PARTS keys and zero elsewhere, so
+    P [64, BLOCK_N] times its transpose is P's row sums in SUM_PARTS parts. Made once per device."""
+    if device not in _row_sum_operands:
+        part = torch.arange(BLOCK_N, device=device) // (BLOCK_N // SUM_PARTS.value)
+        ones = part[None, :] == torch.arange(SUM_PARTS.value, device=device)[:, None]
+        _row_sum_operands[device] = ones.to(torch.float8_e4m3fn)
+    return _row_sum_operands[device]
+
+
 def descriptors(ops):
-    """TMA descriptors of quantize's Q [.., D], K [.., D] and V [.., L_PAD] as 2-D views, one tile each."""
+    """TMA descriptors of quantize's Q [.., D], row_sum_operand, K [.., D] and V [.., L_PAD] as 2-D views,
+    one tile each."""
     dim = ops["q"].shape[-1]
     q = ops["q"].view(-1, dim)
     k = ops["k"].view(-1, dim)
@@ -195,8 +228,9 @@ def descriptors(ops):
     def describe(t, block, dtype):
         return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
                                 gl.NVMMASharedLayout.get_default_for(block, dtype))
-    return (describe(q, [WG_ROWS.value, dim], gl.int8), describe(k, [BLOCK_N, dim], gl.int8),
-            describe(v, [dim, BLOCK_N], gl.float8e4nv))
+    return (describe(q, [WG_ROWS.value, dim], gl.int8),
+            describe(row_sum_operand(q.device), [SUM_PARTS.value, BLOCK_N], gl.float8e4nv),
+            describe(k, [BLOCK_N, dim], gl.int8), describe(v, [dim, BLOCK_N], gl.float8e4nv))
 
 
 def attend(ops, out, lse, lq, lk, heads, return_lse, p_log2_scale, quant_block, k_quant_block):

@@ -21,8 +21,8 @@ quantization either (not in the mean, the scales or V's range), so their content
 
 GPUs without FP8 tensor cores (compute capability below 8.9) keep P and V in fp16 (Q/K stay INT8).
 On Hopper (compute capability 9.0) self-attention without a key mask runs sage_hopper's
-warp-specialized kernel on the same operands (see hopper_kernel_for; 1.33-1.52x of cuDNN's SDPA on
-an H200 where this module's kernel gives 1.22-1.29x, benchmarks/RESULTS.md); the rest runs this
+warp-specialized kernel on the same operands (see hopper_kernel_for; 1.38-1.67x of cuDNN's SDPA on
+an H200 where this module's kernel gives 1.19-1.32x, benchmarks/RESULTS.md); the rest runs this
 module's kernel.
 
 Layout: q [B, Lq, H, D], k and v [B, Lk, H, D] (the attention call's), D = 128. The quantized copies
@@ -379,7 +379,8 @@ def quantize(q, k, v, pv_fp8=True, with_shift=False, key_mask=None, permute_keys
     if key_mask is None:
         bias = None
         k_mean = k.mean(dim=1, dtype=torch.float32)                                              # [B, H, D]
-        v_amax = v.abs().amax(dim=1)
+        v_min, v_max = torch.aminmax(v, dim=1)  # one read of v; |v| would be a full-size temporary
+        v_amax = torch.maximum(v_max, -v_min)
     else:
         keep = key_mask.to(device=dev, dtype=torch.bool)
         bias = torch.full((batch, lk_pad), float("-inf"), dtype=torch.float32, device=dev)

@@ -104,6 +104,11 @@ def exact_rows(q, k, v, mask, rows):
     return out.transpose(1, 2)
 
 
+def error_text(error, limit):
+    """'Type: message' on one line, at most `limit` characters of the message."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
 def sdpa_with(backend_name):
     """SDPA restricted to one backend (cuDNN or flash), [B, L, H, D] in and out, or None if unknown."""
     import torch.nn.functional as F
@@ -167,7 +172,7 @@ def bench_case(name, iters, event_time_ms):
             row["sage_triton_kernel_rel_err_vs_sdpa"] = rel_err(triton_out, ref)
             row["hopper_vs_triton_kernel_rel_diff"] = rel_err(out, triton_out)
             del triton_out
-        if name.startswith("self_") and row["sage_ms"] > 0:
+        if name.startswith("self_"):
             # the other P/V precision (fp16: INT8 Q/K only), to see what FP8 P/V buys on this GPU
             fp16_pv = sage_triton.sage_attention(q, k, v, key_mask=mask, pv_fp8=False)
             row["sage_fp16pv_ms"] = event_time_ms(
@@ -237,15 +242,20 @@ def bench_step(resolution, with_sample, with_fp8=False):
         return out, time.perf_counter() - start
 
     row = {"case": f"14B_step_{resolution}"}
+
+    def time_step(label, backend):
+        """One warm-up step, one timed step (about 2% apart between calls) with `backend`, as `label`."""
+        model.set_attention_backend(backend)
+        sample(resolution, 1)
+        row[f"{label}_step_s"] = sample(resolution, 1)[1]
+        row[f"{label}_50_steps_s"] = 50 * row[f"{label}_step_s"]
+        row[f"speedup_{label}"] = row["sdpa_step_s"] / row[f"{label}_step_s"]
+
     try:
         for backend in ("sdpa", "auto") if with_fp8 else ("sdpa", "sage_triton", "auto"):
-            model.set_attention_backend(backend)
-            sample(resolution, 1)
-            row[f"{backend}_step_s"] = sample(resolution, 1)[1]   # one timed step: about 2% apart between calls
-            row[f"{backend}_50_steps_s"] = 50 * row[f"{backend}_step_s"]
-            row[f"speedup_{backend}"] = row["sdpa_step_s"] / row[f"{backend}_step_s"]
+            time_step(backend, backend)
     except Exception as error:  # keep the sample's part
-        row["step_error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
+        row["step_error"] = error_text(error, 500)
     if with_sample:  # errors only: the samples' times include each 480p shape's first use
         latents = {}
         for backend in ("sdpa", "sage_triton", "auto"):
@@ -266,13 +276,9 @@ def bench_step(resolution, with_sample, with_fp8=False):
     if with_fp8:
         try:
             row["fp8_fast_active"] = to_fp8_fast(model)
-            model.set_attention_backend("auto")
-            sample(resolution, 1)
-            row["auto_fp8_step_s"] = sample(resolution, 1)[1]
-            row["auto_fp8_50_steps_s"] = 50 * row["auto_fp8_step_s"]
-            row["speedup_auto_fp8"] = row["sdpa_step_s"] / row["auto_fp8_step_s"]
+            time_step("auto_fp8", "auto")
         except Exception as error:
-            row["fp8_error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
+            row["fp8_error"] = error_text(error, 500)
     model.set_attention_backend("sdpa")
     del model
     torch.cuda.empty_cache()
@@ -327,7 +333,7 @@ def bench_block(resolution, iters, compiled=False):
                     row[f"compiled_{backend}_first_call_s"] = time.perf_counter() - start
                     row[f"compiled_{backend}_ms"] = event_time_ms(lambda: block(tok, ctx), iters=iters, warmup=2)
             except Exception as error:  # keep the eager figures
-                row["compiled_error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
+                row["compiled_error"] = error_text(error, 500)
             uncompile_blocks(model)
         model.set_attention_backend("sdpa")
     row["speedup"] = row["sdpa_ms"] / row["sage_ms"]
@@ -352,31 +358,25 @@ def main():
             "pv": "fp8 e4m3" if sage_triton.fp8_supported(torch.device("cuda", 0)) else "fp16 (no fp8 tensor cores)"}
     print(json.dumps(info), flush=True)
     results, blocks, steps = [], [], []
-    for name in args.cases:
+
+    def guarded(case, measure, rows):
+        """rows gets measure()'s row, or the case's error (the other cases go on); printed as it comes."""
         try:
-            row = bench_case(name, args.iters, event_time_ms)
-        except Exception as error:  # keep the other cases (and say why this one failed)
-            row = {"case": name, "error": f"{type(error).__name__}: {' '.join(str(error).split())[:1000]}"}
+            row = measure()
+        except Exception as error:
+            row = {"case": case, "error": error_text(error, 1000)}
             torch.cuda.empty_cache()
-        results.append(row)
+        rows.append(row)
         print(json.dumps(row), flush=True)
+
+    for name in args.cases:
+        guarded(name, lambda: bench_case(name, args.iters, event_time_ms), results)
     if not args.no_block:
         for resolution in [r for r in args.block_resolutions.split(",") if r]:
-            try:
-                row = bench_block(resolution, args.iters, args.compile)
-            except Exception as error:
-                row = {"case": f"14B_block_{resolution}", "error": f"{type(error).__name__}: {' '.join(str(error).split())[:1000]}"}
-                torch.cuda.empty_cache()
-            blocks.append(row)
-            print(json.dumps(row), flush=True)
+            guarded(f"14B_block_{resolution}", lambda: bench_block(resolution, args.iters, args.compile), blocks)
     if args.step:
         resolution, *extra = args.step.split(",")
-        try:
-            steps.append(bench_step(resolution, "sample" in extra, "fp8" in extra))
-        except Exception as error:
-            steps.append({"case": f"14B_step_{resolution}", "error": f"{type(error).__name__}: {' '.join(str(error).split())[:1000]}"})
-            torch.cuda.empty_cache()
-        print(json.dumps(steps[-1]), flush=True)
+        guarded(f"14B_step_{resolution}", lambda: bench_step(resolution, "sample" in extra, "fp8" in extra), steps)
     kernel = sage_triton._sage_attention_kernel
     info["tuned_configs"] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
     info["seconds"] = time.time() - start

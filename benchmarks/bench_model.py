@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: `python benchmarks/bench_model.py` finds wanvideo
 from wanvideo.modules import model as model_module  # noqa: E402
+from wanvideo.modules.attention import cuda_event_time_ms  # noqa: E402
 from wanvideo.modules.model import WanModel  # noqa: E402
 
 SIZES = {"1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
@@ -50,19 +51,14 @@ def event_time_ms(fn, iters=5, warmup=2):
 
 
 def back_to_back_ms(fn, iters=5, warmup=2):
-    """Milliseconds per fn() over iters calls queued back to back between two CUDA events: the GPU's
-    time with the host ahead of it, as inside a model (event_time_ms's single calls also count the host's
-    launch time before the first kernel, when the GPU waits for it)."""
-    for _ in range(warmup):
+    """Milliseconds per fn() over iters calls queued back to back between two CUDA events (the timer of
+    attention_mode 'auto'): the GPU's time with the host ahead of it, as inside a model (event_time_ms's
+    single calls also count the host's launch time before the first kernel, when the GPU waits for it).
+    warmup calls first, the last of them by the timer itself."""
+    for _ in range(warmup - 1):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return cuda_event_time_ms(None, fn, torch.cuda.current_device(), calls=iters)
 
 
 def random_init_(module, std=0.02):

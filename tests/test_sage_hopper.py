@@ -19,7 +19,8 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon")
 
-from test_sage_triton import exact, make_qkv, rel  # noqa: E402
+from conftest import relative_error as rel  # noqa: E402
+from test_sage_triton import exact, make_qkv  # noqa: E402
 from wanvideo.modules import sage_hopper as sh  # noqa: E402
 from wanvideo.modules import sage_triton as st  # noqa: E402
 

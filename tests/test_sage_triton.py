@@ -23,6 +23,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import relative_error as rel  # noqa: E402
 from wanvideo.modules import attention as attention_module  # noqa: E402
 from wanvideo.modules import sage_triton as st  # noqa: E402
 from wanvideo.modules.attention import attention, available_backends, check_backend, make_attention_op  # noqa: E402
@@ -66,10 +67,6 @@ def exact(q, k, v, key_mask=None):
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v.double())
     return out.float(), lse.float()
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def reference(ops, lq, lk, key_mask=None, pv_fp8=True):

@@ -34,7 +34,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .sage_triton import INT_SCORE_SENTINEL
+from .sage_triton import INT_SCORE_SENTINEL, K_QUANT_BLOCK, LOG2_FP8_MAX, QUANT_BLOCK
 
 WG_ROWS = gl.constexpr(64)  # query rows of one consumer warp group (one wgmma M)
 BLOCK_M = 2 * WG_ROWS.value  # two consumers
@@ -233,16 +233,18 @@ def descriptors(ops):
             describe(k, [BLOCK_N, dim], gl.int8), describe(v, [dim, BLOCK_N], gl.float8e4nv))
 
 
-def attend(ops, out, lse, lq, lk, heads, return_lse, p_log2_scale, quant_block, k_quant_block):
+def attend(ops, out, lse, lk):
     """Run the kernel on sage_triton.quantize(..., permute_keys=True)'s operands (no key mask, FP8 P/V)
-    into out [B, Lq, H, D] (and lse [B, H, Lq] with return_lse)."""
-    batch, _, lq_pad, dim = ops["q"].shape
+    for lk keys into out [B, Lq, H, D], and lse [B, H, Lq] where quantize made the log-sum-exp's shift."""
+    batch, heads, lq_pad, dim = ops["q"].shape
+    lq = out.shape[1]
+    return_lse = ops["shift"] is not None
     shift = ops["shift"] if return_lse else ops["v_scale"]
     grid = (triton.cdiv(lq, BLOCK_M), batch * heads)
     _sage_hopper_kernel[grid](
         *descriptors(ops), ops["q_scale"], ops["k_scale"], ops["v_scale"], shift, out, lse,
         heads, lq, lk, lq_pad, ops["k"].shape[2], ops["q_scale"].shape[2], ops["k_scale"].shape[2],
         out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=dim, QUANT_BLOCK=quant_block, K_QUANT_BLOCK=k_quant_block, RETURN_LSE=return_lse,
-        P_LOG2_SCALE=p_log2_scale, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, CONSUMER_REGS=CONSUMER_REGS,
+        HEAD_DIM=dim, QUANT_BLOCK=QUANT_BLOCK, K_QUANT_BLOCK=K_QUANT_BLOCK, RETURN_LSE=return_lse,
+        P_LOG2_SCALE=LOG2_FP8_MAX, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, CONSUMER_REGS=CONSUMER_REGS,
         num_warps=4, maxnreg=MAXNREG)

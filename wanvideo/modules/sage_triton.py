@@ -466,7 +466,7 @@ def _sage_attention(q, k, v, key_mask, return_lse, pv_fp8, hopper, hopper_requir
     if hopper is not None:
         ops = quantize(q, k, v, pv_fp8=pv_fp8, with_shift=return_lse, permute_keys=True)
         try:
-            hopper.attend(ops, out, lse, lq, lk, heads, return_lse, LOG2_FP8_MAX, QUANT_BLOCK, K_QUANT_BLOCK)
+            hopper.attend(ops, out, lse, lk)
             return (out, lse) if return_lse else out
         except Exception as error:  # e.g. a Gluon that compiles it otherwise: the Triton kernel from now on
             if hopper_required:

@@ -10,9 +10,9 @@ from wanvideo.checkpoint import build_meta_model
 from wanvideo.modules.model import WanModel
 from wanvideo.parallel import plan
 from wanvideo.tiny import make_header_only_checkpoint
+from wanvideo.parallel.distributed.topology import choose_degrees
 from wanvideo.parallel.plan import (GIB, PLAN_KEYS, ModelFootprint, estimate_block_distribution_bytes,
-                                    estimate_single_gpu_bytes, latent_token_count, plan_parallelism,
-                                    sequence_parallel_degrees, usable_memory)
+                                    estimate_single_gpu_bytes, latent_token_count, plan_parallelism, usable_memory)
 
 SIZES = {
     "1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
@@ -123,7 +123,8 @@ def test_activation_estimate_covers_the_measured_forward(real_size, size, width,
 @pytest.mark.parametrize("world,heads,expected", [(8, 40, (8, 1)), (4, 40, (4, 1)), (8, 12, (4, 2)),
                                                   (3, 40, (1, 3)), (6, 12, (6, 1)), (5, 12, (1, 5))])
 def test_ulysses_degree_divides_the_heads_and_ring_takes_the_rest(world, heads, expected):
-    ulysses, ring = sequence_parallel_degrees(world, heads)
+    degrees = choose_degrees(world, heads, use_cfg=False)   # what the planner's workers run without CFG groups
+    ulysses, ring = degrees.ulysses, degrees.ring
     assert (ulysses, ring) == expected
     assert ulysses * ring == world and heads % ulysses == 0
 
@@ -425,7 +426,7 @@ def test_the_speed_probe_runs_before_the_free_memory_is_read(real_size, monkeypa
     events.clear()
     # validate_model_setup reading the inventory itself: the chosen GPUs are timed, then read again
     ok, message = auto.validate_model_setup("0,1", real_size["14B"], num_frames=17, cfg=False, shard_weights="off")
-    assert ok and events == ["read", "read", "probe", "probe", "read"], message
+    assert ok and events == ["read", "probe", "probe", "read"], message
 
 
 def test_a_sharded_step_gathers_the_weights_for_each_forward(real_size):

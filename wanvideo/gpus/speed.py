@@ -144,12 +144,14 @@ def relative_speeds(gpus, probe=None, cache_path=None):
     if len({g.get("name") for g in gpus}) == 1:
         return {g["index"]: 1.0 for g in gpus}, "same model"
     equal = {g["index"]: 1.0 for g in gpus}
-    if probe is None:  # this machine's GPUs only, by UUID: an inventory may describe another machine
-        local = local_gpu_indices()
-        targets = {g["index"]: local[g["uuid"]] for g in gpus if g.get("uuid") in local}
-        probe = lambda index: probe_tflops(targets[index])
-    else:
-        targets = {g["index"]: g["index"] for g in gpus}
+
+    def probe_targets():  # {index: what probe() takes}, looked up at the first figure not known yet
+        if probe is not None:
+            return {g["index"]: g["index"] for g in gpus}
+        local = local_gpu_indices()  # this machine's GPUs only, by UUID: an inventory may describe another one
+        return {g["index"]: local[g["uuid"]] for g in gpus if g.get("uuid") in local}
+
+    targets = None
     path = default_cache_path() if cache_path is None else cache_path
     stored = _read_cache(path)
     figures, changed, probed = {}, False, False
@@ -159,6 +161,7 @@ def relative_speeds(gpus, probe=None, cache_path=None):
             if key not in _measured and key in stored:
                 _measured[key] = stored[key]
             if key not in _measured:
+                targets = probe_targets() if targets is None else targets
                 if gpu["index"] not in targets:
                     logger.info("GPU %s (%s) is not a GPU of this machine, so its speed is not measured: the GPUs "
                                 "are taken as equally fast (give each a 'relative_speed' to say otherwise).",
@@ -166,7 +169,7 @@ def relative_speeds(gpus, probe=None, cache_path=None):
                     return equal, "not measured"
                 try:
                     probed = True
-                    figure = _usable_figure(probe(gpu["index"]))
+                    figure = _usable_figure((probe or probe_tflops)(targets[gpu["index"]]))
                     if figure is None:
                         raise ValueError("the probe gave no positive, finite TFLOPS figure")
                 except Exception as error:  # a busy or broken GPU: plan without its speed

@@ -55,17 +55,20 @@ def get_optimal_gpu_config(checkpoint_info_or_path, gpus=None, width=832, height
     return plan_parallelism(info, gpus, **workload)
 
 
-def read_inventory(keep=None):
-    """This machine's GPUs for a plan: those `keep(gpu)` accepts (None: all). The planner times
+def read_inventory(keep=None, gpus=None):
+    """This machine's GPUs for a plan: those `keep(gpu)` accepts (None: all) of `gpus` (None: read
+    here, get_gpu_info). The planner times
     unlike GPUs (wanvideo.gpus.speed), which creates a CUDA context on each and leaves what the
     probe's matmuls cached until emptied: so they are timed first (the figure stays cached in this
     process, and the planner does not probe again) and the free memory is read afterwards. Callers
     that pass an inventory of their own read its free memory before any probe: the probe then hands
     PyTorch's cache back (torch.cuda.empty_cache), and its CUDA contexts are what the planner's
-    RUNTIME_RESERVE_BYTES keeps room for."""
+    RUNTIME_RESERVE_BYTES keeps room for. The inventory is read again only where a probe may have run
+    (not for GPUs of one model, nor speeds given in the inventory)."""
     select = (lambda gpus: [g for g in gpus if keep(g)]) if keep is not None else list
-    relative_speeds(select(discovery.get_gpu_info()))
-    return select(discovery.get_gpu_info())
+    chosen = select(discovery.get_gpu_info() if gpus is None else gpus)
+    _, source = relative_speeds(chosen)
+    return select(discovery.get_gpu_info()) if source in ("measured", "not measured") else chosen
 
 
 def _over_budget(plan, by_index):
@@ -91,7 +94,7 @@ def validate_model_setup(gpu_ids, model, low_noise_model=None, gpus=None, **work
     if not ok:
         return ok, message
     ids = set(parse_gpu_ids(gpu_ids))
-    chosen = (read_inventory(lambda g: g["index"] in ids) if read_here  # free memory read after the speed probe
+    chosen = (read_inventory(lambda g: g["index"] in ids, gpus) if read_here  # free memory read after the speed probe
               else [g for g in gpus if g["index"] in ids])
     plan = get_optimal_gpu_config(model, gpus=chosen, low_noise_model=low_noise_model, **workload)
     by_index = {g["index"]: g for g in chosen}

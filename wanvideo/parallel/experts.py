@@ -275,6 +275,11 @@ def _plan_pair(devices, info, settings, plan_inputs):
                           workers_refused(settings.swaps_blocks, settings.compile_args is not None))
 
 
+def pair_bytes_per_gpu(need, reserve_bytes):
+    """A GPU holding both experts (need bytes each), the activations and the runtime reserve."""
+    return 2 * need + reserve_bytes + RUNTIME_RESERVE_BYTES
+
+
 def pair_placement(gpus, need, reserve_bytes, refused=""):
     """'auto' for a pair on two or more GPUs -> (parallelism_type, reason); the loader's and the
     planner's (plan_pair.py) one rule.
@@ -285,7 +290,7 @@ def pair_placement(gpus, need, reserve_bytes, refused=""):
     groups, both experts on every GPU) when 2 x need + reserve_bytes + RUNTIME_RESERVE_BYTES fits
     every GPU's usable_memory (the planner's test, so a plan saying so passes validate_model_setup)
     and worker processes can run; else 'expert_parallel' (each expert on its half of the GPUs)."""
-    per_gpu = 2 * need + reserve_bytes + RUNTIME_RESERVE_BYTES
+    per_gpu = pair_bytes_per_gpu(need, reserve_bytes)
     tightest = min(gpus, key=usable_memory)
     room = usable_memory(tightest)
     if per_gpu > room:

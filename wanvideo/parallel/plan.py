@@ -157,18 +157,22 @@ def minimal_blocks_to_swap(footprint, activation_bytes, available_bytes):
     return None
 
 
-def sequence_parallel_degrees(world_size, num_heads):
-    """(ulysses, ring) for `world_size` sequence shards: the workers' own choice
-    (distributed.topology.choose_degrees without CFG), so the plan estimates the layout that runs."""
-    degrees = choose_degrees(world_size, num_heads, use_cfg=False)
-    return degrees.ulysses, degrees.ring
-
-
 def worker_degrees(world_size, num_heads, work):
     """The ParallelDegrees the distributed workers choose for `world_size` ranks and this workload
     (serving.WorkerSession.layout): CFG groups when the guidance scale is not 1, or at cfg 1 when the
     batch is 2n videos of one size (cfg_parallel.splits_in_two), i.e. when the step's items are even."""
-    return choose_degrees(world_size, num_heads, use_cfg=work.splits_in_two)
+    return choose_degrees(world_size, num_heads, use_cfg=work.items % 2 == 0)
+
+
+def worker_activation_bytes(footprint, work, degrees):
+    """A worker's activations in that layout: its CFG group's items, its share of the tokens."""
+    return footprint.activation_bytes(work.tokens, work.items // degrees.cfg, degrees.sequence)
+
+
+def cfg_split_text(work):
+    """What two CFG groups of workers split: the branches, or at cfg 1 the batch's two halves."""
+    return ("the cond and uncond branches on 2 groups of GPUs (cfg_degree 2)" if work.cfg else
+            "the batch's two halves on 2 groups of GPUs (cfg_degree 2)")
 
 
 def activation_reserve_bytes(info, base_precision, quantization, width, height, num_frames):
@@ -206,8 +210,6 @@ class Workload:
         self.tokens = latent_token_count(width, height, num_frames, footprint.patch_size, footprint.vae_stride)
         self.items = batch_size * (2 if cfg else 1)
         self.cfg, self.batch_size = cfg, batch_size
-        # what the workers split over two CFG groups: the branches, or at cfg 1 an even batch (one size)
-        self.splits_in_two = self.items % 2 == 0
         self.full_activation = footprint.activation_bytes(self.tokens, self.items)
         self.text = (f"{self.items} item{'s' if self.items > 1 else ''} "
                      f"({'cond + uncond' if cfg else 'no CFG'}{f' x batch {batch_size}' if batch_size > 1 else ''})"

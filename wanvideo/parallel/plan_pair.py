@@ -7,12 +7,10 @@ there, or the idle expert in host memory); each expert's strategy on its GPUs is
 (plan.plan_parallelism). The result is a plan dict like plan_parallelism's (PLAN_KEYS) for the pair,
 with 'experts': {'high_noise': plan, 'low_noise': plan} and 'low_noise_model' added.
 """
-import math
-
 from ..pipeline import LoadSettings
-from .experts import check_pair, expert_bytes, pair_placement, reserve
-from .plan import (RUNTIME_RESERVE_BYTES, ModelFootprint, Workload, check_inventory, gib, plan_parallelism,
-                   usable_memory, worker_degrees, workers_refused)
+from .experts import check_pair, expert_bytes, pair_bytes_per_gpu, pair_placement, reserve
+from .plan import (ModelFootprint, Workload, check_inventory, gib, plan_parallelism, usable_memory,
+                   worker_activation_bytes, worker_degrees, workers_refused)
 from .plan_cost import link_note
 
 __all__ = ["plan_expert_pair", "pair_name", "PAIR_KEYS"]
@@ -46,7 +44,7 @@ def plan_expert_pair(high_info, low_info, gpus, width=832, height=480, num_frame
     if len(gpus) < 2:
         placement = "none"
         room = usable_memory(gpus[0]) if gpus else 0
-        resident = bool(gpus) and 2 * need + activations + RUNTIME_RESERVE_BYTES <= room
+        resident = bool(gpus) and pair_bytes_per_gpu(need, activations) <= room
         high = plan_parallelism(high_info, gpus, **workload)
         low = plan_parallelism(low_info, gpus, **workload)
         if resident:
@@ -108,13 +106,11 @@ class _PairLayout:
         self.work = Workload(self.footprint, workload["width"], workload["height"], workload["num_frames"],
                              workload["cfg"], workload["batch_size"])
         self.degrees = worker_degrees(len(gpus), self.footprint.num_heads, self.work)
-        shards = self.degrees.ulysses * self.degrees.ring
-        self.activation = self.footprint.activation_bytes(self.work.tokens,
-                                                          math.ceil(self.work.items / self.degrees.cfg), shards)
+        self.activation = worker_activation_bytes(self.footprint, self.work, self.degrees)
 
     def plan(self, need):
         footprint, work, degrees, world = self.footprint, self.work, self.degrees, len(self.gpus)
-        per_gpu = 2 * need + self.activation + RUNTIME_RESERVE_BYTES
+        per_gpu = pair_bytes_per_gpu(need, self.activation)
         return dict(parallelism_type="distributed", gpu_ids=[g["index"] for g in self.gpus], shard_weights="off",
                     base_precision=footprint.base_precision, quantization=footprint.quantization, blocks_to_swap=0,
                     blocks_to_swap_per_gpu=None, blocks_per_gpu=None, ulysses_degree=degrees.ulysses,

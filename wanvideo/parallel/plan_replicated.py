@@ -19,8 +19,8 @@ others back more than it adds.
 """
 import math
 
-from .plan import (MIN_TOKENS_PER_SEQUENCE_SHARD, estimate_single_gpu_bytes, gib, make_plan, usable_memory,
-                   worker_degrees)
+from .plan import (MIN_TOKENS_PER_SEQUENCE_SHARD, cfg_split_text, estimate_single_gpu_bytes, gib, make_plan,
+                   usable_memory, worker_activation_bytes, worker_degrees)
 from .plan_cost import WORKER_PROCESS_GAIN, link_note, speeds_note
 
 
@@ -45,10 +45,9 @@ def plan_replicated(footprint, work, gpus, need, costs, worker_processes=True):
     sequence = []  # (estimate, degrees, chosen, bytes per GPU)
     for world in range(2, len(gpus) + 1):
         degrees = worker_degrees(world, footprint.num_heads, work)  # what the workers run on `world` GPUs
-        shards = degrees.ulysses * degrees.ring
-        if shards < 2 or work.tokens < shards * MIN_TOKENS_PER_SEQUENCE_SHARD:
+        if degrees.sequence < 2 or work.tokens < degrees.sequence * MIN_TOKENS_PER_SEQUENCE_SHARD:
             continue  # CFG groups alone: data parallel does that in one process; or too few tokens a shard
-        activation = footprint.activation_bytes(work.tokens, work.items // degrees.cfg, shards)
+        activation = worker_activation_bytes(footprint, work, degrees)
         chosen = fastest_that_fit(activation, world)
         if chosen is not None:
             estimate = costs.sequence_parallel(chosen, degrees.cfg, degrees.ulysses, degrees.ring)
@@ -112,11 +111,8 @@ def _data_parallel_plan(footprint, work, gpus, need, costs, chosen, items_per_gp
 def _distributed_plan(footprint, work, gpus, need, costs, estimate, degrees, chosen, nbytes):
     chosen = sorted(chosen, key=lambda g: g["index"])
     world, cfg_degree, ulysses, ring = degrees.world_size, degrees.cfg, degrees.ulysses, degrees.ring
-    shards = ulysses * ring
-    split = []
-    if cfg_degree > 1:
-        split.append("the cond and uncond branches on 2 groups of GPUs (cfg_degree 2)" if work.cfg else
-                     "the batch's two halves on 2 groups of GPUs (cfg_degree 2)")
+    shards = degrees.sequence
+    split = [cfg_split_text(work)] if cfg_degree > 1 else []
     heads_note = (f"{ulysses} divides the {footprint.num_heads} heads" if ring == 1 else
                   f"Ulysses {ulysses} is the largest divisor of {shards} that divides the {footprint.num_heads} "
                   f"heads; ring attention takes the remaining factor {ring}")

@@ -19,7 +19,8 @@ Memory per GPU, on top of plan.py's model (module docstring there):
 import math
 
 from .distributed.sharding import fsdp2_missing
-from .plan import RUNTIME_RESERVE_BYTES, make_plan, usable_memory, worker_degrees
+from .plan import (RUNTIME_RESERVE_BYTES, cfg_split_text, make_plan, usable_memory, worker_activation_bytes,
+                   worker_degrees)
 from .plan_cost import gb, gib, link_note, speeds_note
 
 SHARD_GATHERED_BLOCKS = 2
@@ -43,9 +44,7 @@ def plan_sharded_distributed(footprint, work, gpus, need, costs):
     options = []
     for world in range(len(gpus), 1, -1):
         degrees = worker_degrees(world, footprint.num_heads, work)  # the workers' own layout
-        shards = degrees.ulysses * degrees.ring
-        nbytes = estimate_sharded_bytes(
-            footprint, footprint.activation_bytes(work.tokens, work.items // degrees.cfg, shards), world)
+        nbytes = estimate_sharded_bytes(footprint, worker_activation_bytes(footprint, work, degrees), world)
         chosen = [g for g in ranked if nbytes <= usable_memory(g)][:world]
         if len(chosen) == world:
             options.append((costs.sharded(chosen, degrees.cfg, degrees.ulysses, degrees.ring), -world, degrees,
@@ -54,13 +53,10 @@ def plan_sharded_distributed(footprint, work, gpus, need, costs):
         return None
     time_estimate, _, degrees, chosen, estimate = min(options, key=lambda o: (o[0].seconds, o[1]))
     world, cfg_degree, ulysses, ring = degrees.world_size, degrees.cfg, degrees.ulysses, degrees.ring
-    shards = ulysses * ring
+    shards = degrees.sequence
     chosen = sorted(chosen, key=lambda g: g["index"])
     forwards = costs.forwards_per_step(cfg_degree)
-    split = []
-    if cfg_degree > 1:
-        split.append("the cond and uncond branches on 2 groups of GPUs (cfg_degree 2)" if work.cfg else
-                     "the batch's two halves on 2 groups of GPUs (cfg_degree 2)")
+    split = [cfg_split_text(work)] if cfg_degree > 1 else []
     if shards > 1:
         split.append(f"the {work.tokens} tokens over {shards} GPUs (ulysses {ulysses} x ring {ring})")
     idle = len(gpus) - world

@@ -10,7 +10,10 @@ tokens to 512 text tokens (and 257 CLIP image tokens, i2v), once with a ragged t
     it with the next column to see what FP8 P/V buys), and where sage_triton ran its warp-specialized
     Hopper kernel (sage_hopper) the Triton kernel on the same call; SDPA and sage_triton once more
     with their calls queued back to back (bench_model.back_to_back_ms: the host's launch time, which
-    single timed calls include, hidden as inside a model; "x b2b" in the table);
+    single timed calls include, hidden as inside a model; "x b2b" in the table), and the GPU's own time
+    per call by the profiler (bench_model.gpu_time_ms: kernels only, SDPA and sage_triton in turns,
+    medians of three rounds; "x GPU", and "x kern": SDPA against the 8-bit attention kernel alone,
+    without the quantization);
   - accuracy: relative L2 error of sage_triton against bf16 SDPA over the whole output, and of both
     against exact fp32 attention on the first 512 queries.
 Then one real-size Wan 2.1 14B block (random weights, benchmarks/bench_model.py's build_ours) at 480p
@@ -19,7 +22,7 @@ relative error of the block's output, and with attention_mode 'auto' (what it ch
 with --compile also under per-block torch.compile, with sdpa and with auto.
 With --step, the whole 14B model: a sampling step at cfg 5 (e.g. 720p) with sdpa, sage_triton and
 auto, with ',sample' a 3-step 480p sample's error, with ',fp8' auto with fp8 weights (bench_step). Prints a table and writes
-attention.json to $OUT (or benchmarks/out). About a minute on an H200; four with --step 720p,sample.
+attention.json to $OUT (or benchmarks/out). About two minutes on an H200; five with --step 720p,sample.
 
     python benchmarks/bench_attention.py [--cases all|none|name,...] [--block-resolutions 480p] [--no-block]
                                          [--compile] [--step 720p[,sample][,fp8]]
@@ -28,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -48,6 +52,9 @@ CASES = {
     "cross_40h_75600x257": (40, 75600, 257, None),
     "cross_40h_75600x512_mask300": (40, 75600, 512, 300),
 }
+GPU_TIME_ROUNDS = 3  # alternating rounds of the GPU-time measurement (medians)
+# sage_triton's attention kernels (not its quantization's), as the profiler names them
+ATTENTION_KERNELS = ("_sage_attention_kernel", "_sage_hopper_kernel", "_combine_tail_kernel")
 EXACT_QUERIES = 512  # rows of the exact fp32 reference (its score matrix is H x 512 x Lk floats)
 
 
@@ -129,7 +136,7 @@ def bench_case(name, iters, event_time_ms):
     import torch
     from wanvideo.modules import sage_triton
     from wanvideo.modules.attention import attention
-    from bench_model import back_to_back_ms
+    from bench_model import back_to_back_ms, gpu_time_ms
     heads, lq, lk, real_keys = CASES[name]
     q, k, v, mask = make_inputs(heads, lq, lk, real_keys)
     flops = 4.0 * heads * lq * (real_keys or lk) * HEAD_DIM
@@ -162,6 +169,17 @@ def bench_case(name, iters, event_time_ms):
         row["sdpa_back_to_back_ms"] = back_to_back_ms(lambda: attention(q, k, v, key_mask=mask, backend="sdpa"), iters)
         row["sage_back_to_back_ms"] = back_to_back_ms(
             lambda: attention(q, k, v, key_mask=mask, backend="sage_triton"), iters)
+        # the GPU's own time, SDPA and sage_triton in turns (the clock drifts by a few percent within a call)
+        sdpa_rounds, sage_rounds, kernel_rounds = [], [], []
+        for _ in range(GPU_TIME_ROUNDS):
+            sdpa_rounds.append(gpu_time_ms(lambda: attention(q, k, v, key_mask=mask, backend="sdpa"), iters)[0])
+            total, kernels = gpu_time_ms(lambda: attention(q, k, v, key_mask=mask, backend="sage_triton"), iters)
+            sage_rounds.append(total)
+            kernel_rounds.append(sum(ms for kernel_name, ms in kernels.items() if kernel_name in ATTENTION_KERNELS))
+        row.update(sdpa_gpu_rounds_ms=sdpa_rounds, sage_gpu_rounds_ms=sage_rounds,
+                   sage_gpu_attention_kernel_rounds_ms=kernel_rounds,
+                   sdpa_gpu_ms=statistics.median(sdpa_rounds), sage_gpu_ms=statistics.median(sage_rounds),
+                   sage_gpu_kernels_ms={kernel_name: round(ms, 4) for kernel_name, ms in kernels.items()})
         row["sage_rel_err_vs_sdpa"] = rel_err(out, ref)
         row["sage_kernel"] = "hopper" if sage_triton.hopper_kernel_for(
             q, lk, mask, sage_triton.fp8_supported(q.device)) else "triton"
@@ -195,6 +213,8 @@ def bench_case(name, iters, event_time_ms):
     row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["sage_ms"]
     row["speedup_vs_best_sdpa"] = best / row["sage_ms"]
     row["speedup_back_to_back"] = row["sdpa_back_to_back_ms"] / row["sage_back_to_back_ms"]
+    row["speedup_gpu"] = row["sdpa_gpu_ms"] / row["sage_gpu_ms"]
+    row["speedup_gpu_attention_kernel"] = row["sdpa_gpu_ms"] / statistics.median(kernel_rounds)
     row["sdpa_tflops"] = flops / row["sdpa_ms"] / 1e9
     row["sage_tflops"] = flops / row["sage_ms"] / 1e9
     del q, k, v
@@ -391,7 +411,7 @@ def main():
     fmt = lambda value, spec: "-" if value is None else format(value, spec)
     print(f"{'case':<30} {'sdpa ms':>8} {'cudnn':>8} {'flash':>8} {'sage ms':>8} {'kernel':>7} {'quant':>6} "
           f"{'x sdpa':>7} {'x best':>7} {'TF/s':>5} {'err/sdpa':>9} {'sdpa/ex':>8} {'sage/ex':>8} {'fp16PV ms':>9} "
-          f"{'triton ms':>9} {'x b2b':>6}")
+          f"{'triton ms':>9} {'x b2b':>6} {'x GPU':>6} {'x kern':>6}")
     for r in results:
         if "error" in r:
             print(f"{r['case']:<30} FAILED {r['error'][:200]}")
@@ -401,7 +421,8 @@ def main():
               f"{r['sage_quantize_ms']:>6.2f} {r['speedup_vs_sdpa']:>7.2f} {r['speedup_vs_best_sdpa']:>7.2f} "
               f"{r['sage_tflops']:>5.0f} {r['sage_rel_err_vs_sdpa']:>9.4f} {r['sdpa_rel_err_vs_exact']:>8.4f} "
               f"{r['sage_rel_err_vs_exact']:>8.4f} {fmt(r.get('sage_fp16pv_ms'), '9.2f'):>9} "
-              f"{fmt(r.get('sage_triton_kernel_ms'), '9.2f'):>9} {r['speedup_back_to_back']:>6.2f}")
+              f"{fmt(r.get('sage_triton_kernel_ms'), '9.2f'):>9} {r['speedup_back_to_back']:>6.2f} "
+              f"{r['speedup_gpu']:>6.2f} {r['speedup_gpu_attention_kernel']:>6.2f}")
     for r in blocks:
         if "error" in r:
             print(f"{r['case']:<30} FAILED {r['error'][:200]}")

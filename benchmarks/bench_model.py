@@ -61,6 +61,24 @@ def back_to_back_ms(fn, iters=5, warmup=2):
     return cuda_event_time_ms(None, fn, torch.cuda.current_device(), calls=iters)
 
 
+def gpu_time_ms(fn, calls=5):
+    """(milliseconds, {kernel name: milliseconds}) of the GPU's own work per fn() call, by the profiler:
+    every kernel's (and copy's) duration summed, so neither the host's launch time nor idle gaps
+    count, the figure that compares kernels. One untimed call first."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1e3 / calls
+    return sum(kernels.values()), kernels
+
+
 def random_init_(module, std=0.02):
     """Random (never zero) weights, drawn on the module's device."""
     with torch.no_grad():

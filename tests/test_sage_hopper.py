@@ -61,6 +61,23 @@ def test_dispatch_rule():
         assert not st.hopper_kernel_applies(**dict(args, **change)), change
 
 
+def test_tail_split_fills_the_last_wave():
+    """Items (query blocks x heads) beyond whole waves run split into key ranges where the last wave
+    would leave most multiprocessors idle: 12 heads x 32,760 tokens on 132 SMs, 36 items -> 108 parts;
+    never more parts than multiprocessors, nor parts of fewer than MIN_PART_TILES tiles."""
+    assert sh.tail_split(3072, 132, 256) == (3036, 3)
+    assert sh.tail_split(24 * 132, 132, 256) == (24 * 132, 1)      # no tail
+    assert sh.tail_split(10240, 132, 256) == (10240, 1)            # 76 items: over half a wave
+    assert sh.tail_split(48, 132, 33) == (0, 2)                    # fewer items than SMs: all split
+    assert sh.tail_split(3072, 132, 17) == (3036, 2)               # 17 tiles: parts of 8 at least
+    assert sh.tail_split(3072, 132, 15) == (3072, 1)
+    for items in range(1, 700, 7):
+        for tiles in (17, 64, 256):
+            whole, splits = sh.tail_split(items, 132, tiles)
+            assert (items - whole) * splits <= 132 and tiles // splits >= min(tiles, sh.MIN_PART_TILES)
+            assert splits == 1 or (whole % 132 == 0 and 2 <= splits <= sh.MAX_TAIL_SPLITS)
+
+
 def _ptxas():
     import triton
     found = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
@@ -84,14 +101,14 @@ def test_compiles_for_hopper_without_spills_or_serialized_products(return_lse):
     kernel = sh._sage_hopper_kernel
     names = kernel.arg_names
     signature = dict(zip(["q_desc", "ones_desc", "k_desc", "v_desc"], map(mangle_type, sh.descriptors(ops))))
-    signature.update({name: "*fp32" for name in ("QS", "KS", "VS", "SHIFT", "LSE")}, O="*bf16")
-    signature.update({name: "i32" for name in ("H", "Lq", "Lk", "LQ_PAD", "L_PAD", "N_QS", "N_KS",
-                                               "stride_ob", "stride_ol", "stride_oh")})
+    signature.update({name: "*fp32" for name in ("QS", "KS", "VS", "SHIFT", "LSE", "PART_O", "PART_ML")}, O="*bf16")
+    signature.update({name: "i32" for name in ("H", "Lq", "Lk", "LQ_PAD", "L_PAD", "N_QS", "N_KS", "NB", "WHOLE",
+                                               "SPLITS", "stride_ob", "stride_ol", "stride_oh")})
     constants = dict(HEAD_DIM=128, QUANT_BLOCK=st.QUANT_BLOCK, K_QUANT_BLOCK=st.K_QUANT_BLOCK, RETURN_LSE=return_lse,
                      P_LOG2_SCALE=st.LOG2_FP8_MAX, BLOCK_N=sh.BLOCK_N, NUM_STAGES=sh.NUM_STAGES,
                      CONSUMER_REGS=sh.CONSUMER_REGS, num_warps=4)
     signature.update({name: "constexpr" for name in constants})
-    aligned = ("QS", "KS", "VS", "SHIFT", "O", "LSE", "LQ_PAD", "L_PAD", "stride_ob", "stride_ol", "stride_oh")
+    aligned = ("QS", "KS", "VS", "SHIFT", "O", "LSE", "PART_O", "PART_ML", "LQ_PAD", "L_PAD", "stride_ob", "stride_ol", "stride_oh")
     source = GluonASTSource(fn=kernel, signature={name: signature[name] for name in names},
                             constexprs={(names.index(name),): value for name, value in constants.items()},
                             attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
@@ -128,12 +145,14 @@ def hopper_calls(monkeypatch):
 
 @hopper_gpu
 @pytest.mark.parametrize("lq,lk", [(300, 2100), (1000, 4100), (129, 2200), (256, 4096), (256, 32760)])
-def test_hopper_kernel_against_exact_attention_and_the_triton_kernel(lq, lk, hopper_calls):
+def test_hopper_kernel_against_exact_attention_and_the_triton_kernel(lq, lk, hopper_calls, monkeypatch):
     """sage_triton with the default kernel choice takes the Hopper kernel here (more than 2048 keys,
     no mask; a partial last tile, and a whole one at 4096; 256 tiles at 32760, where row sums kept in
     the tensor cores' FP8 accumulator would lose their small terms): close to exact attention, its
     log-sum-exp too, and to the Triton kernel (the same quantization; P is scaled by the running maximum over 128
-    keys here and 64 there, so its FP8 rounding differs a little); bf16 inputs."""
+    keys here and 64 there, so its FP8 rounding differs a little); bf16 inputs. Unsplit (these few
+    query blocks would all be split: test_tail_items_split_into_key_ranges)."""
+    monkeypatch.setattr(sh, "MAX_TAIL_SPLITS", 1)
     q, k, v = (t.cuda() for t in make_qkv(lq, lk))
     out, lse = st.sage_attention(q, k, v, return_lse=True)
     assert hopper_calls[0] == 1
@@ -148,6 +167,32 @@ def test_hopper_kernel_against_exact_attention_and_the_triton_kernel(lq, lk, hop
     out16 = st.sage_attention(q16, k16, v16, kernel="hopper")
     assert hopper_calls[0] == 2 and out16.dtype == torch.bfloat16
     assert rel(out16, want) <= 5e-2
+
+
+@hopper_gpu
+@pytest.mark.parametrize("sms,plan", [(31, (31, 4)), (64, (0, 2))], ids=["one", "every"])
+def test_tail_items_split_into_key_ranges(sms, plan):
+    """The kernel with its tail split (tail_split for a pretend count of multiprocessors: the last of
+    32 items split in 4, every item in 2): the split items' rows as close to exact attention as
+    unsplit, log-sum-exp included; the other rows unchanged. Not equal to unsplit: each part scales P
+    by its own maximum, so P's FP8 rounding (about 2.5% of the output alone) falls otherwise there."""
+    q, k, v = (t.cuda() for t in make_qkv(1000, 4100))
+    ops = st.quantize(q, k, v, with_shift=True, permute_keys=True)
+    blocks = 8                                 # query blocks a (batch, head): 32 items for batch 2 x 2 heads
+    assert sh.tail_split(blocks * 2 * 2, sms, 33) == plan
+    (out, lse), (plain, plain_lse) = [(torch.empty_like(q), torch.empty(2, 2, 1000, device="cuda")) for _ in range(2)]
+    sh.attend(ops, out, lse, 4100, sms=sms)
+    sh.attend(ops, plain, plain_lse, 4100, sms=blocks * 2 * 2 + 1)   # one wave over half full: no split
+    split = torch.zeros(2, 2, 1000, dtype=torch.bool, device="cuda")  # [B, H, Lq]: the rows of split items
+    for item in range(plan[0], blocks * 2 * 2):
+        bh, block = divmod(item, blocks)
+        split[bh // 2, bh % 2, block * sh.BLOCK_M:(block + 1) * sh.BLOCK_M] = True
+    want, want_lse = exact(q, k, v)
+    rows = lambda t: t.permute(0, 2, 1, 3)[split]  # noqa: E731  [B, Lq, H, D] -> the split rows [n, D]
+    assert rel(rows(out), rows(want)) <= min(5e-2, 1.1 * rel(rows(plain), rows(want)))
+    assert 0 < rel(rows(out), rows(plain)) <= 5e-2
+    assert torch.equal(out.permute(0, 2, 1, 3)[~split], plain.permute(0, 2, 1, 3)[~split])
+    assert (lse - want_lse).abs().max() <= 3e-2 and (lse - plain_lse).abs().max() <= 1e-2
 
 
 @hopper_gpu

@@ -265,6 +265,46 @@ def test_log_sum_exp_matches_exact_and_merges_across_key_chunks():
     assert st.quantize(q, k, v, with_shift=True)["shift"].abs().max() > 0.5
 
 
+@interpreted
+def test_hopper_tail_parts_combine_into_attention():
+    """sage_hopper's tail items come back from key-range parts (unnormalized output, row maximum and
+    sum in the kernel's log2 units, as its epilogue stores them): the combine kernel writes exactly
+    those items' rows of a strided output, equal to attention over all keys, and their log-sum-exp."""
+    sh = pytest.importorskip("wanvideo.modules.sage_hopper")
+    batch, heads, lq, lk, splits, whole = 2, 3, 200, 300, 3, 7   # 2 query blocks a head: items 7-11 are the tail
+    q, k, v = make_qkv(lq, lk, batch=batch, heads=heads)
+    blocks = -(-lq // sh.BLOCK_M)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(D) * st.LOG2E   # log2 units
+    v_scale = torch.rand(batch, heads, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    shift = torch.randn(batch, heads, lq, generator=torch.Generator().manual_seed(2))
+    part_o, part_ml = [], []
+    for item in range(whole, blocks * batch * heads):
+        bh, block = divmod(item, blocks)
+        b, h = divmod(bh, heads)
+        rows = torch.arange(block * sh.BLOCK_M, (block + 1) * sh.BLOCK_M).clamp(max=lq - 1)  # padding rows: any finite
+        for keys in torch.arange(lk).chunk(splits):
+            s = scores[b, h][rows][:, keys]
+            m = s.amax(1) + 1.5                                   # any reference above the maximum will do
+            p = torch.exp2(s - m[:, None] + st.LOG2_FP8_MAX)
+            part_o.append(p @ (v[b, keys, h].double() / v_scale[b, h]))
+            part_ml.append(torch.stack([m, p.sum(1)], 1))
+    part_o, part_ml = torch.cat(part_o).float(), torch.cat(part_ml).float()
+    out = torch.full((batch, lq, heads + 1, D), float("nan"))[:, :, :heads]   # strided, as the model's views
+    lse = torch.full((batch, heads, lq), float("nan"))
+    sh.combine_tail(part_o, part_ml, v_scale.float(), shift, out, lse, whole, blocks * batch * heads - whole, splits,
+                    blocks, heads, True)
+    want, want_lse = exact(q, k, v)
+    done = torch.zeros(batch, heads, lq, dtype=torch.bool)
+    for item in range(whole, blocks * batch * heads):
+        bh, block = divmod(item, blocks)
+        done[bh // heads, bh % heads, block * sh.BLOCK_M:(block + 1) * sh.BLOCK_M] = True
+    assert done.any() and not done.all()
+    got, expected = out.permute(0, 2, 1, 3)[done], want.permute(0, 2, 1, 3)[done]
+    assert rel(got, expected) <= 1e-5
+    assert (lse[done] - (want_lse[done] + shift[done])).abs().max() <= 1e-4
+    assert out.permute(0, 2, 1, 3)[~done].isnan().all() and lse[~done].isnan().all()   # the whole items' rows untouched
+
+
 @pytest.mark.skipif(INTERPRETING or not torch.cuda.is_available(), reason="the compiled kernel needs a CUDA GPU")
 @pytest.mark.parametrize("lq,lk", [(300, 300), (1000, 77), (130, 2100)])
 def test_compiled_kernel_on_the_gpu(lq, lk):

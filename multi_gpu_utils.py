@@ -38,31 +38,31 @@ __all__ = [
 PROG = "multi_gpu_utils.py"
 
 
-WORKLOAD_FLAGS = (("--width", "width"), ("--height", "height"), ("--frames", "frames"), ("--precision", "precision"),
-                  ("--quantization", "quantization"), ("--batch-size", "batch_size"), ("--no-cfg", "no_cfg"))
-
-
 def _add_workload_arguments(parser, by_device, wan22=True):
     """Size and precision options. by_device: None when not given, then chosen for the devices
     (benchmark_defaults); else the GPU workload's values. wan22: the model may be the TI2V-5B,
-    whose sizes are multiples of 32 (its VAE compresses 16x)."""
+    whose sizes are multiples of 32 (its VAE compresses 16x). -> the options added, as (flag, dest) pairs."""
     def default(key):
         if by_device:
             return None, f"default {GPU_WORKLOAD[key]} on GPUs, {CPU_WORKLOAD[key]} on CPUs"
         return GPU_WORKLOAD[key], f"default {GPU_WORKLOAD[key]}"
     multiple = "a multiple of 16 (of 32 for the Wan 2.2 TI2V-5B)" if wan22 else "a multiple of 16"
+    added = []  # the actions, read back for the (flag, dest) pairs so no list of them can drift
+
+    def add(flag, **kwargs):
+        added.append(parser.add_argument(flag, **kwargs))
     for flag, key, text in (("--width", "width", f"video width in pixels, {multiple}"),
                             ("--height", "height", f"video height in pixels, {multiple}"),
                             ("--frames", "num_frames", "number of frames, 4n + 1")):
         value, note = default(key)
-        parser.add_argument(flag, type=number_at_least(int, 1), default=value, help=f"{text} ({note})")
+        add(flag, type=number_at_least(int, 1), default=value, help=f"{text} ({note})")
     value, note = default("base_precision")
-    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=value, help=f"base precision ({note})")
-    parser.add_argument("--quantization", default="disabled", choices=("disabled", "fp8_e4m3fn", "fp8_e5m2",
-                                                                       "fp8_e4m3fn_fast"),
-                        help="fp8 storage of the block weights")
-    parser.add_argument("--batch-size", type=number_at_least(int, 1), default=1, help="videos per step (default 1)")
-    parser.add_argument("--no-cfg", action="store_true", help="guidance scale 1: no uncond branch")
+    add("--precision", choices=("bf16", "fp16", "fp32"), default=value, help=f"base precision ({note})")
+    add("--quantization", default="disabled", choices=("disabled", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast"),
+        help="fp8 storage of the block weights")
+    add("--batch-size", type=number_at_least(int, 1), default=1, help="videos per step (default 1)")
+    add("--no-cfg", action="store_true", help="guidance scale 1: no uncond branch")
+    return [(action.option_strings[0], action.dest) for action in added]
 
 
 def _build_parser():
@@ -86,10 +86,10 @@ def _build_parser():
                                           "these GPUs")
     validate.add_argument("--low-noise-model", help="with --model (the high-noise expert): the Wan 2.2 A14B "
                                                     "low-noise expert; the pair is checked")
-    _add_workload_arguments(validate, by_device=False)
-    # None: not given (they need --model); the defaults are filled in by _validate
-    validate.set_defaults(workload_defaults={dest: validate.get_default(dest) for _, dest in WORKLOAD_FLAGS},
-                          **{dest: None for _, dest in WORKLOAD_FLAGS})
+    workload = _add_workload_arguments(validate, by_device=False)
+    # None: not given (they need --model); _validate fills in the defaults kept here as (flag, dest, default)
+    validate.set_defaults(workload=[(flag, dest, validate.get_default(dest)) for flag, dest in workload],
+                          **{dest: None for _, dest in workload})
     recommend = add("recommend", help="plan the parallelism for a model",
                     description="Read a checkpoint header and print the best plan for these GPUs.")
     recommend.add_argument("model", help="path of a Wan 2.1 / 2.2 .safetensors file (the high-noise expert of an "
@@ -129,15 +129,15 @@ def _workload(args, info):
 def _validate(args):
     if args.low_noise_model and not args.model:
         raise ValueError("--low-noise-model needs --model (the high-noise expert of the same A14B pair).")
-    given = [flag for flag, dest in WORKLOAD_FLAGS if getattr(args, dest) is not None]
+    given = [flag for flag, dest, _ in args.workload if getattr(args, dest) is not None]
     if given and not args.model:
         one = len(given) == 1
         raise ValueError(f"{', '.join(given)} {'describes' if one else 'describe'} the video the model's plan is "
                          f"checked for and {'needs' if one else 'need'} --model: add --model MODEL.safetensors, or "
                          f"leave {'it' if one else 'them'} out to check the GPUs alone.")
-    for _, dest in WORKLOAD_FLAGS:
+    for _, dest, default in args.workload:
         if getattr(args, dest) is None:
-            setattr(args, dest, args.workload_defaults[dest])
+            setattr(args, dest, default)
     ok, message = validate_gpu_setup(args.gpu_ids, None if args.min_free_gib is None else args.min_free_gib * GIB,
                                      args.max_utilization)
     if ok and args.model:

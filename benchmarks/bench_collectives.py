@@ -20,11 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python benchmarks/X.py`
+from projection import SIZES  # noqa: E402
 from wanvideo.parallel.distributed.workers import free_port  # noqa: E402
 
-# name: (video tokens at 81 frames, model dim, blocks)
-CASES = {"14B_480p": (32760, 5120, 40), "14B_720p": (75600, 5120, 40),
-         "1.3B_480p": (32760, 1536, 30), "1.3B_720p": (75600, 1536, 30), "tiny": (64, 256, 2)}
+# name: (model size in projection.SIZES, video tokens: at 81 frames 21 latent frames x (height / 16) x (width / 16))
+CASES = {"14B_480p": ("14B", 32760), "14B_720p": ("14B", 75600), "1.3B_480p": ("1.3B", 32760),
+         "1.3B_720p": ("1.3B", 75600), "tiny": ("tiny", 64)}
 
 
 def _rank(rank, world, port, cases, iters, dry_run, queue):
@@ -35,7 +36,8 @@ def _rank(rank, world, port, cases, iters, dry_run, queue):
     dist.init_process_group("gloo" if dry_run else "nccl", rank=rank, world_size=world)
     rows = []
     for name in cases:
-        tokens, dim, blocks = CASES[name]
+        size, tokens = CASES[name]
+        dim, blocks = SIZES[size]["dim"], SIZES[size]["num_layers"]
         local = -(-tokens // world)  # the last shard is padded to the same length
         packed = torch.randn(3 * local * dim, device=device, dtype=torch.bfloat16)
         out = torch.randn(local * dim, device=device, dtype=torch.bfloat16)

@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python benchmarks/X.py`
-from wanvideo.gpus.links import nvlink_gb_per_s, pcie_gb_per_s  # noqa: E402
+from wanvideo.gpus.links import PCIE_LANE_GB_PER_S, nvlink_gb_per_s  # noqa: E402
 from wanvideo.modules.model import WanModel  # noqa: E402
 from wanvideo.parallel.distributed.cfg_parallel import GuidedVelocityModel  # noqa: E402
 from wanvideo.parallel.distributed.sequence_parallel import apply_sequence_parallel  # noqa: E402
@@ -83,8 +83,8 @@ def _link_spec(datasheet_gb_per_s):
 
 
 LINKS = {"NVLink 4": _link_spec(nvlink_gb_per_s((9, 0))),
-         "PCIe 5.0 x16": _link_spec(pcie_gb_per_s(5, 16, efficiency=1.0)[0]),
-         "PCIe 4.0 x16": _link_spec(pcie_gb_per_s(4, 16, efficiency=1.0)[0])}
+         "PCIe 5.0 x16": _link_spec(PCIE_LANE_GB_PER_S[5] * 16),
+         "PCIe 4.0 x16": _link_spec(PCIE_LANE_GB_PER_S[4] * 16)}
 
 SIZES = {"1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
          "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),

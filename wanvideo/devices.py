@@ -30,8 +30,13 @@ def free_bytes(device):
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free_and_total_bytes(device)[0]
+
+
+def free_and_total_bytes(device):
+    """(free_bytes, total bytes) of a CUDA device, from one driver query."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
 
 
 def device_context(device):

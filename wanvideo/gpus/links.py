@@ -51,12 +51,12 @@ class Link:
         return self.gb_per_s * 1e9
 
 
-def pcie_gb_per_s(generation, width, efficiency=PCIE_EFFICIENCY):
+def pcie_gb_per_s(generation, width):
     """Effective GB/s per direction of a PCIe link; (rate, assumed) where assumed means the GPU did not
-    report its link and PCIe 4.0 x16 is taken. efficiency=1.0: the raw (datasheet) figure."""
+    report its link and PCIe 4.0 x16 is taken."""
     assumed = generation not in PCIE_LANE_GB_PER_S or not width
     generation, width = ASSUMED_PCIE if assumed else (generation, width)
-    return PCIE_LANE_GB_PER_S[generation] * width * efficiency, assumed
+    return PCIE_LANE_GB_PER_S[generation] * width * PCIE_EFFICIENCY, assumed
 
 
 def _pcie_text(gpu):

@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 
 from ..checkpoint import inspect_checkpoint, resolve_dtype
-from ..devices import free_bytes, release_memory
+from ..devices import free_and_total_bytes, free_bytes, release_memory
 from ..gpus import discovery
 from ..pipeline import LoadSettings
 from ..sampling import Conditioning, sample_video
@@ -269,8 +269,10 @@ def _plan_pair(devices, info, settings, plan_inputs):
     gpus = [d for d in devices if d.type == "cuda"]
     if len(gpus) < 2:
         return "none", f"one device ({devices[0]}): both experts there, or the idle one in host memory"
-    inventory = [dict(index=d.index, free_memory=free_bytes(d), total_memory=torch.cuda.mem_get_info(d)[1])
-                 for d in gpus]
+    inventory = []
+    for d in gpus:
+        free, total = free_and_total_bytes(d)
+        inventory.append(dict(index=d.index, free_memory=free, total_memory=total))
     return pair_placement(inventory, expert_bytes(info, settings), reserve(info, settings, plan_inputs),
                           workers_refused(settings.swaps_blocks, settings.compile_args is not None))
 

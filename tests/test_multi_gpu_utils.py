@@ -204,7 +204,8 @@ def test_auto_for_a_pair_needs_worker_processes_for_distributed(wan22, monkeypat
     assert mgu.get_optimal_gpu_config(high, gpus=inventory(80, 80, total_gib=80),
                                       low_noise_model=low)["parallelism_type"] == "distributed"
     devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (79 * 2**30, 80 * 2**30))
+    # 79 of 80 GiB free on each (cuda:1 need not exist: the GPU machine has one)
+    monkeypatch.setattr(experts, "free_and_total_bytes", lambda device: (79 * 2**30, 80 * 2**30))
     info = inspect_checkpoint(high)
     assert experts._plan_pair(devices, info, LoadSettings(), {})[0] == "distributed"
     if asked.pop("no_nccl", False):

@@ -8,7 +8,6 @@ and the Triton kernel, log-sum-exp included, taken by sage_triton's dispatch exa
 applies. The quantization that stores V in that order, and the fallback to the Triton kernel when
 this one fails, are checked in the interpreter (test_sage_triton.py).
 """
-import glob
 import os
 import re
 import subprocess
@@ -79,9 +78,13 @@ def test_tail_split_fills_the_last_wave():
 
 
 def _ptxas():
-    import triton
-    found = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
-    return found[0] if found else None
+    """The ptxas Triton compiles with: its own, or TRITON_PTXAS_PATH's, which torch.compile sets to
+    torch's own (newer) ptxas once it has compiled a kernel; Triton writes PTX for that one's version."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(90).path
+    except Exception:  # a Triton without the NVIDIA backend's tools
+        return None
 
 
 @pytest.mark.skipif(_ptxas() is None or st.INTERPRETED, reason="this Triton ships no ptxas (or it interprets)")

@@ -34,8 +34,6 @@ _combine_tail_kernel merges them as ring attention merges chunks (measured 2.2-2
 No key mask (sage_triton keeps masked calls on its Triton kernel); the padding keys of the last
 tile are masked by their index. Needs a GPU with compute capability 9.0 and a Triton with Gluon.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -44,7 +42,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .sage_triton import INT_SCORE_SENTINEL, K_QUANT_BLOCK, LOG2_FP8_MAX, QUANT_BLOCK
+from .sage_triton import INT_SCORE_SENTINEL, K_QUANT_BLOCK, LN2, LOG2_FP8_MAX, QUANT_BLOCK
 
 WG_ROWS = gl.constexpr(64)  # query rows of one consumer warp group (one wgmma M)
 BLOCK_M = 2 * WG_ROWS.value  # two consumers
@@ -57,7 +55,6 @@ SUM_PARTS = gl.constexpr(16)  # partial row sums of P a tile (the row-sum produc
 CONSUMER_REGS = 240         # per thread; the producer gets 24: 2 x 128 x 240 + 128 x 24 <= 64k (232 spills)
 MAX_TAIL_SPLITS = 4         # tail_split: key ranges a tail item may be split into
 MIN_PART_TILES = 8          # and the fewest key tiles a range keeps
-LN2 = tl.constexpr(math.log(2.0))  # a constexpr: the only kind of global a kernel may read
 MAXNREG = 168               # the kernel's launch bound: 12 warps x 32 x 168 registers fit one SM
 
 
@@ -291,15 +288,6 @@ def tail_split(items, sms, tiles):
     return (items - tail, splits) if splits >= 2 else (items, 1)
 
 
-_multiprocessors = {}
-
-
-def multiprocessor_count(device):
-    if device not in _multiprocessors:
-        _multiprocessors[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _multiprocessors[device]
-
-
 _row_sum_operands = {}
 
 
@@ -339,7 +327,8 @@ def attend(ops, out, lse, lk, sms=None):
     shift = ops["shift"] if return_lse else ops["v_scale"]
     blocks = triton.cdiv(lq, BLOCK_M)
     items = blocks * batch * heads
-    whole, splits = tail_split(items, sms or multiprocessor_count(out.device), triton.cdiv(lk, BLOCK_N))
+    sms = sms or torch.cuda.get_device_properties(out.device).multi_processor_count
+    whole, splits = tail_split(items, sms, triton.cdiv(lk, BLOCK_N))
     parts = (items - whole) * splits
     part_o = part_ml = ops["v_scale"]  # never read without parts
     if parts:

@@ -21,7 +21,7 @@ quantization either (not in the mean, the scales or V's range), so their content
 
 GPUs without FP8 tensor cores (compute capability below 8.9) keep P and V in fp16 (Q/K stay INT8).
 On Hopper (compute capability 9.0) self-attention without a key mask runs sage_hopper's
-warp-specialized kernel on the same operands (see hopper_kernel_for; 1.38-1.67x of cuDNN's SDPA on
+warp-specialized kernel on the same operands (see hopper_kernel_for; 1.36-1.67x of cuDNN's SDPA on
 an H200 where this module's kernel gives 1.19-1.32x, benchmarks/RESULTS.md); the rest runs this
 module's kernel.
 
@@ -52,6 +52,7 @@ assert PAD_TO % QUANT_BLOCK == 0 and PAD_TO % K_QUANT_BLOCK == 0  # no scale blo
 FP8_MAX = 448.0       # largest finite float8_e4m3fn
 LOG2_FP8_MAX = math.log2(FP8_MAX)
 LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(math.log(2.0))  # a tl.constexpr: the only kind of global a kernel may read
 
 # The kernels are built as interpreted or compiled when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -280,7 +281,7 @@ def _sage_attention_kernel(Q, QS, K, KS, V, VS, BIAS, SHIFT, O, LSE,
              out.to(O.dtype.element_ty), mask=row[:, None])
     if RETURN_LSE:
         shift = tl.load(SHIFT + bh * Lq + offs_m, mask=row, other=0.0)
-        lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i)) - P_LOG2_SCALE) * 0.6931471805599453 + shift
+        lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i)) - P_LOG2_SCALE) * LN2 + shift
         tl.store(LSE + bh * Lq + offs_m, tl.where(empty, float("-inf"), lse), mask=row)
 
 

@@ -12,6 +12,7 @@ included). Writes multi_gpu.json and multi_gpu.png to $OUT.
     python benchmarks/bench_multi_gpu.py --cases 14B_720p_sharded,1.3B_480p_group1   # weight sharding (FSDP2):
         # distributed x2 with shard_weights 'on' next to 'off' (step time, peak memory per GPU, same output),
         # and a group of one on one GPU with sharding on and off (must give the same output)
+    python benchmarks/bench_multi_gpu.py --cases 14B_720p --attention sdpa,sage_triton   # the 8-bit attention too
     python benchmarks/bench_multi_gpu.py --dry-run         # tiny model on CPU devices (gloo): checks the script
 
 A PROJECTION of 2, 4 and 8 GPUs from one GPU (benchmarks/projection.py: rank 0's share of the work
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import multi_gpu_utils  # noqa: E402
 from wanvideo.latent_format import latent_frame_count  # noqa: E402
+from wanvideo.modules.attention import BACKENDS  # noqa: E402
 from wanvideo.parallel import load_parallel_pipeline  # noqa: E402
 from wanvideo.pipeline import LoadSettings, load_pipeline  # noqa: E402
 from wanvideo.engine import BlockSwapSettings  # noqa: E402
@@ -90,13 +92,13 @@ def run_config(name, build, noise, positive, negative, steps, reference, rows, d
     return out
 
 
-def bench_case(size, resolution, strategies, gpu_counts, steps, dry_run, rows, cfg=5.0, label=None):
+def bench_case(size, resolution, strategies, gpu_counts, steps, dry_run, rows, cfg=5.0, label=None, attention="sdpa"):
     path = write_checkpoint(size, f"/tmp/wan_{size}_random{'_tiny' if dry_run else ''}.safetensors", dry_run)
     width, height = RESOLUTIONS["tiny" if dry_run else resolution]
     noise = make_noise((1, 16, latent_frame_count(81 if not dry_run else 9), height // 8, width // 8), seed=1)
     g = torch.Generator().manual_seed(2)
     positive, negative = Conditioning([torch.randn(40, 4096, generator=g)]), Conditioning([torch.randn(20, 4096, generator=g)])
-    settings = LoadSettings(base_precision="fp32" if dry_run else "bf16")
+    settings = LoadSettings(base_precision="fp32" if dry_run else "bf16", attention_mode=attention)
     device = lambda i: torch.device("cpu") if dry_run else torch.device("cuda", i)
     case = label or f"{size}_{resolution}" + ("_cfg1" if cfg == 1 else "")
     one = [device(0)]
@@ -124,7 +126,8 @@ def bench_case(size, resolution, strategies, gpu_counts, steps, dry_run, rows, c
     if "block_distribution" in strategies:
         swapped = 2 if dry_run else 20
         run_config(f"{case} 1 GPU + block swap {swapped}", lambda: load_pipeline(path, one[0], LoadSettings(
-            base_precision=settings.base_precision, block_swap=BlockSwapSettings(blocks_to_swap=swapped))),
+            base_precision=settings.base_precision, attention_mode=attention,
+            block_swap=BlockSwapSettings(blocks_to_swap=swapped))),
             noise, positive, negative, steps, reference, rows, one, cfg)
 
 
@@ -160,6 +163,9 @@ def main():
                         help="the one-GPU projection of 2, 4 and 8 GPUs instead (options: projection.py --help)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--cases", default="14B_720p,14B_720p_cfg1,1.3B_480p,1.3B_480p_cfg1,14B_480p,14B_480p_cfg1")
+    parser.add_argument("--attention", default="sdpa",
+                        help="attention modes, comma-separated: each case runs once per mode, in turn (e.g. "
+                             "sdpa,sage_triton); rows of modes other than sdpa are labelled case_mode")
     args = parser.parse_args()
     available = 4 if args.dry_run else torch.cuda.device_count()
     counts = [n for n in (2, 4, 8) if n <= available]
@@ -171,14 +177,20 @@ def main():
              "14B_720p_sharded": ["distributed", "distributed_sharded"],
              "1.3B_480p_group1": ["distributed", "distributed_sharded"]}
     fixed_counts = {"14B_480p": [2], "14B_720p_sharded": [2], "1.3B_480p_group1": [1]}
+    modes = args.attention.split(",")
+    for mode in modes:
+        if mode not in BACKENDS:
+            parser.error(f"unknown attention mode {mode!r}; choose from {', '.join(BACKENDS)}")
     rows = []
     for case in args.cases.split(","):
         if case not in plans:
             parser.error(f"unknown case {case!r}; choose from {', '.join(plans)}")
         size, resolution = case.split("_")[:2]
         case_counts = [n for n in fixed_counts.get(case, counts) if n <= available]
-        bench_case(size, resolution, plans[case], case_counts, args.steps, args.dry_run, rows,
-                   cfg=1.0 if case.endswith("_cfg1") else 5.0, label=case)
+        for mode in modes:
+            bench_case(size, resolution, plans[case], case_counts, args.steps, args.dry_run, rows,
+                       cfg=1.0 if case.endswith("_cfg1") else 5.0, label=case if mode == "sdpa" else f"{case}_{mode}",
+                       attention=mode)
     out = os.environ.get("OUT", "benchmarks/out")
     os.makedirs(out, exist_ok=True)
     info = dict(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -1,5 +1,6 @@
 """wanvideo.benchmark on the CPU with the tiny model: the same inputs per strategy, progress, defaults."""
 import json
+import os
 
 import pytest
 import torch
@@ -394,3 +395,24 @@ def test_stand_in_bytes_per_collective_equal_a_counted_run_of_real_gloo_ranks(tm
             assert {k: (v["calls"], v["bytes"]) for k, v in measured.items()} == \
                 {k: (v["calls"], v["bytes"]) for k, v in real.items()}, degrees
             assert (projection.FSDP_GATHER in real) == shard
+
+
+def test_bench_multi_gpu_dry_run_runs_each_case_once_per_attention_mode(tmp_path):
+    """`bench_multi_gpu.py --dry-run --attention sdpa,auto` (tiny model, CPU devices): each mode gets its
+    own one-device reference and distributed rows, labelled by mode, each as exact as its reference."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_multi_gpu.py"
+    run = lambda *args: subprocess.run([sys.executable, str(script), "--dry-run", "--cases", "1.3B_480p_cfg1",
+                                        "--steps", "1", *args], capture_output=True, text=True,
+                                       env=dict(os.environ, OUT=str(tmp_path)), timeout=600)
+    done = run("--attention", "sdpa,auto")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "multi_gpu.json").read_text())["results"]
+    assert [r["config"] for r in rows] == [f"1.3B_480p_cfg1{label} {config}" for label in ("", "_auto")
+                                           for config in ("1 GPU", "distributed x2", "distributed x4")]
+    assert all("error" not in r for r in rows), rows
+    assert all(r["rel_err_vs_1gpu"] <= 1e-5 for r in rows if "x" in r["config"].split()[-1])
+    refused = run("--attention", "sdpa,sage")
+    assert refused.returncode == 2 and "unknown attention mode 'sage'" in refused.stderr

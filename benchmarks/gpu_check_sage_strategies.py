@@ -31,6 +31,7 @@ from wanvideo.engine import BlockSwapSettings  # noqa: E402
 from wanvideo.modules import sage_triton  # noqa: E402
 from wanvideo.parallel import load_parallel_pipeline  # noqa: E402
 from wanvideo.parallel.distributed.pipeline import load_distributed_pipeline  # noqa: E402
+from wanvideo.parallel.distributed.selfcheck import relative_error as rel  # noqa: E402
 from wanvideo.parallel.distributed.topology import ParallelDegrees  # noqa: E402
 from wanvideo.pipeline import LoadSettings, load_pipeline  # noqa: E402
 from wanvideo.sampling import Conditioning, make_noise  # noqa: E402
@@ -88,7 +89,6 @@ def main():
             pipeline.unload()
         return video, len(calls) - before
 
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
     one_gpu = lambda s: load_pipeline(path, "cuda:0", s)
     reference, _ = sample(one_gpu, "sdpa")
     one_sage, one_calls = sample(one_gpu, "sage_triton")
